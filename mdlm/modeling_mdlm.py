@@ -42,6 +42,9 @@ class MdlmOutput(ModelOutput):
         nelbo_sum (`torch.FloatTensor`, *optional*): Sum over masked counted positions of `-log p / t`.
         num_counted_tokens (`torch.LongTensor`, *optional*): Number of positions that are neither padding nor
             end-of-document.
+        example_nelbo (`torch.FloatTensor` of shape `(batch_size,)`, *optional*): `nelbo_sum` per example.
+        example_num_counted_tokens (`torch.LongTensor` of shape `(batch_size,)`, *optional*): Counted tokens per
+            example.
         hidden_states (`tuple(torch.FloatTensor)`, *optional*): Embeddings and the output of each block, returned
             with `output_hidden_states=True`.
     """
@@ -50,6 +53,8 @@ class MdlmOutput(ModelOutput):
     logits: torch.FloatTensor | None = None
     nelbo_sum: torch.FloatTensor | None = None
     num_counted_tokens: torch.LongTensor | None = None
+    example_nelbo: torch.FloatTensor | None = None
+    example_num_counted_tokens: torch.LongTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
@@ -343,32 +348,41 @@ class MdlmForMaskedDiffusion(MdlmGenerationMixin, MdlmPreTrainedModel):
         if labels is None or return_logits:
             logits = self.subs_log_probs(self.lm_head(hidden_states), input_ids)
 
-        loss = nelbo_sum = num_counted = None
+        loss = nelbo_sum = num_counted = example_nelbo = example_num_counted = None
         if labels is not None:
             if t is None:
                 raise ValueError("`labels` were given without `t`; the NELBO weight 1/t needs each example's time.")
-            nelbo_sum = self.masked_nelbo_sum(hidden_states, labels, t)
+            example_nelbo = self.masked_nelbo(hidden_states, labels, t)
             counted = counted_token_mask(
                 input_ids, labels, attention_mask, self.config.mask_token_id, self.config.eod_token_id
             )
-            num_counted = counted.sum()
+            example_num_counted = counted.sum(dim=-1)
+            nelbo_sum = example_nelbo.sum()
+            num_counted = example_num_counted.sum()
             denominator = num_items_in_batch if num_items_in_batch is not None else num_counted.clamp(min=1)
             loss = nelbo_sum / denominator
 
         return MdlmOutput(
             loss=loss, logits=logits, nelbo_sum=nelbo_sum, num_counted_tokens=num_counted,
+            example_nelbo=example_nelbo, example_num_counted_tokens=example_num_counted,
             hidden_states=all_hidden_states,
         )
 
-    def masked_nelbo_sum(self, hidden_states: torch.Tensor, labels: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Return `sum over masked positions of w(t) * -log p_theta(x_0 | x_t)`, with the output layer applied only
-        at masked positions. Unmasked positions contribute zero under SUBS, since they copy their input."""
+    def masked_nelbo(self, hidden_states: torch.Tensor, labels: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Return each example's `sum over masked positions of w(t) * -log p_theta(x_0 | x_t)`, shape (batch,).
+
+        The output layer runs only at masked positions. Unmasked positions contribute zero under SUBS, because
+        they copy their input with probability one.
+        """
         masked = labels != -100
-        rows = hidden_states[masked]  # (num_masked, hidden); may be empty, which gives a sum of zero
+        rows = hidden_states[masked]  # (num_masked, hidden); may be empty, which gives zeros
         log_probs = self.subs_log_probs(self.lm_head(rows))
         token_nll = -log_probs.gather(-1, labels[masked].unsqueeze(-1)).squeeze(-1)
-        weight = self.schedule.loss_weight(t.float())[:, None].expand_as(labels)[masked]
-        return (weight * token_nll).sum()
+        example_index = masked.nonzero()[:, 0]
+        weighted = self.schedule.loss_weight(t.float())[example_index] * token_nll
+        return torch.zeros(labels.shape[0], device=weighted.device, dtype=weighted.dtype).index_add(
+            0, example_index, weighted
+        )
 
 
 MdlmForMaskedDiffusion.register_for_auto_class("AutoModel")
