@@ -20,20 +20,18 @@ from transformers.utils import ModelOutput, logging
 from .noise_schedule import LogLinearSchedule
 
 
-logger = logging.get_logger(__name__)
-
 SAMPLERS = ("ddpm", "ddpm_cache", "confidence")
 
-# Rows of a (rows, vocab) float64 table that are filtered and searched at once; 2**24 elements take 128 MiB.
+# Maximum number of float64 elements in one chunk of rows that is filtered and searched; 2**24 take 128 MiB.
 MAX_DRAW_ELEMENTS = 2**24
 
 
 def sample_categorical(log_probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.LongTensor:
     """Draw one category per row of `log_probs` by inverse-CDF sampling in float64.
 
-    The cumulative sum and the uniform draw are float64, so categories far in the tail (probability 1e-10 and
-    below) keep their probability. Gumbel-max with float32 noise would cut them off, because a float32 uniform
-    from `torch.rand` takes only 2**24 values.
+    The cumulative sum and the uniform draw are float64, so a category of probability 1e-12, far below float32
+    resolution, is still drawn at its rate. Gumbel-max with float32 noise truncates that tail, because a float32
+    uniform from `torch.rand` is a multiple of 2**-24 (checked on the CPU with torch 2.13).
 
     Args:
         log_probs (`torch.Tensor` of shape `(..., num_categories)`): Log-probabilities, normalized or not. `-inf`
@@ -109,7 +107,7 @@ class TokenDrawer:
         return draw_uniform(shape, self.generator, device)
 
     def tokens(self, log_probs: torch.Tensor) -> torch.LongTensor:
-        """Draw one token per row of `log_probs` (rows, vocab_size); one uniform per row, none when greedy."""
+        """Draw one token per row of `log_probs` (rows, vocab_size), using one uniform per row and none when greedy."""
         num_rows, vocab_size = log_probs.shape
         if self.temperature == 0:
             return log_probs.argmax(dim=-1)
@@ -165,9 +163,13 @@ class AncestralSampler:
         self.use_cache = use_cache
         self.final_denoise = final_denoise
 
-    def denoise(self, x: torch.LongTensor, targets: torch.BoolTensor, num_steps: int, on_step: Callable) -> torch.LongTensor:
-        """Denoise the masked positions of `x` that `targets` marks in `num_steps` steps; `on_step(x, final)`
-        sees the window after each step and after the final fill."""
+    def denoise(
+        self, x: torch.LongTensor, targets: torch.BoolTensor, num_steps: int, on_step: Callable
+    ) -> torch.LongTensor:
+        """Denoise the masked positions of `x` that `targets` marks in `num_steps` steps.
+
+        `on_step(x, is_final_denoise)` receives the window after each step and after the final fill.
+        """
         if not bool((targets & (x == self.mask_token_id)).any()):
             return x
         times = torch.linspace(1.0, self.time_eps, num_steps + 1, dtype=torch.float64).tolist()
@@ -229,9 +231,13 @@ class ConfidenceSampler:
         self.mask_token_id = mask_token_id
         self.confidence_threshold = confidence_threshold
 
-    def denoise(self, x: torch.LongTensor, targets: torch.BoolTensor, num_steps: int, on_step: Callable) -> torch.LongTensor:
-        """Unmask every position of `x` that `targets` marks within `num_steps` steps; `on_step(x, False)` sees
-        the window after each step."""
+    def denoise(
+        self, x: torch.LongTensor, targets: torch.BoolTensor, num_steps: int, on_step: Callable
+    ) -> torch.LongTensor:
+        """Unmask every position of `x` that `targets` marks within `num_steps` steps.
+
+        `on_step(x, False)` receives the window after each step.
+        """
         for step in range(num_steps):
             masked = targets & (x == self.mask_token_id)
             if not bool(masked.any()):
@@ -242,7 +248,7 @@ class ConfidenceSampler:
             candidate_log_probs = log_probs.gather(-1, candidates.unsqueeze(-1)).squeeze(-1)
             confidence = candidate_log_probs.double().exp().masked_fill(~masked, -1.0)
 
-            chosen = masked & self.most_confident(confidence, masked.sum(dim=-1), num_steps - step)
+            chosen = masked & self.select_most_confident(confidence, masked.sum(dim=-1), num_steps - step)
             if self.confidence_threshold is not None:
                 chosen |= masked & (confidence > self.confidence_threshold)
             x = torch.where(chosen, candidates, x)
@@ -250,7 +256,7 @@ class ConfidenceSampler:
         return x
 
     @staticmethod
-    def most_confident(confidence: torch.Tensor, num_masked: torch.Tensor, steps_left: int) -> torch.BoolTensor:
+    def select_most_confident(confidence: torch.Tensor, num_masked: torch.Tensor, steps_left: int) -> torch.BoolTensor:
         """Mark the `ceil(num_masked / steps_left)` most confident positions of each row; ties go to the left."""
         quota = (num_masked + steps_left - 1) // steps_left
         order = confidence.argsort(dim=-1, descending=True, stable=True)
@@ -388,7 +394,7 @@ def plan_windows(prompt_length: int, seq_len: int, context: int, stride_length: 
 def split_into_blocks(targets: torch.BoolTensor, block_length: int) -> list[torch.BoolTensor]:
     """Split the target positions into left-to-right blocks of `block_length` positions.
 
-    The blocks start at the first column that holds a target in any row. Blocks without targets are kept, so the
+    The blocks start at the first column that contains a target in any row. Blocks without targets are kept, so the
     step budget per block does not depend on the template.
     """
     target_columns = targets.any(dim=0).nonzero()
@@ -434,8 +440,8 @@ class MdlmGenerationMixin:
 
     The entry point is named `generate`. In transformers 5, `PreTrainedModel` has no `generate` of its own, and
     this mixin does not inherit transformers' `GenerationMixin`, so nothing is overridden. Because the class name
-    ends in `GenerationMixin`, transformers' `can_generate()` returns True, so models still get a
-    `generation_config` that `save_pretrained` writes; `generate` does not read it.
+    ends in `GenerationMixin`, transformers' `can_generate()` returns True. Models therefore get a
+    `generation_config`, which `save_pretrained` writes and `generate` ignores.
     """
 
     @torch.no_grad()
@@ -465,8 +471,9 @@ class MdlmGenerationMixin:
         Generate token ids by reverse diffusion, in eval mode and without gradients. The training mode is restored
         afterwards.
 
-        Sequences longer than `config.max_position_embeddings` are generated semi-autoregressively: window by
-        window, each conditioned on the last `context - stride_length` tokens so far as a fixed prefix.
+        Sequences longer than `config.max_position_embeddings` are generated semi-autoregressively, window by
+        window. Each window is conditioned on the last `context - stride_length` tokens so far as a fixed prefix,
+        and the last window keeps a longer prefix when it needs fewer than `stride_length` new tokens.
 
         Args:
             num_samples (`int`, *optional*): Number of sequences, generated as one batch. Defaults to the number of
@@ -475,9 +482,10 @@ class MdlmGenerationMixin:
                 the template's length, else `config.max_position_embeddings`.
             num_steps (`int`): Denoising steps per context window. With `block_length`, the window's steps are
                 split evenly over its blocks.
-            sampler (`str`): `"ddpm"` (MDLM's ancestral sampler), `"ddpm_cache"` (the same chain and the same
-                output, but it reuses the model output after a step that unmasked nothing) or `"confidence"`
-                (unmask the most confident positions first; see `confidence_threshold`).
+            sampler (`str`): `"ddpm"`, `"ddpm_cache"` or `"confidence"`. `"ddpm"` is MDLM's ancestral sampler.
+                `"ddpm_cache"` runs the same chain and returns the same tokens, but reuses the model output after
+                a step that unmasked nothing. `"confidence"` unmasks the most confident positions first, as
+                described under `confidence_threshold`.
             temperature (`float`): Divides the log-probabilities before drawing; 0 takes the most likely token.
             top_p (`float`): Nucleus sampling mass in (0, 1]; 1 disables it.
             generator (`torch.Generator` or `int`, *optional*): Random source. An integer seeds a new CPU
@@ -486,15 +494,16 @@ class MdlmGenerationMixin:
             prompt_ids (`torch.LongTensor` of shape `(prompt_length,)` or `(num_samples, prompt_length)`,
                 *optional*): A fixed prefix that every sequence starts with.
             template_ids (`torch.LongTensor` of shape `(seq_len,)` or `(num_samples, seq_len)`, *optional*): An
-                infilling template. Positions that hold `config.mask_token_id` are generated, and the others are
+                infilling template. Positions that contain `config.mask_token_id` are generated, and the others are
                 kept. It must fit in one context window and cannot be combined with `prompt_ids`.
             final_denoise (`bool`): After the ancestral sampler's last step (at `t = time_eps`), fill every
                 position still masked with its most likely token, as MDLM does for the step to t = 0. Without it,
                 a few mask tokens may survive. The confidence sampler always fills every position.
             stop_at_eod (`bool`): Return each sequence only up to its first `config.eod_token_id` after the prompt.
                 The result is then a list of 1-D tensors.
-            confidence_threshold (`float`, *optional*): For `sampler="confidence"` only: also unmask, in each
-                step, every position whose confidence exceeds this probability (Fast-dLLM parallel decoding).
+            confidence_threshold (`float`, *optional*): For `sampler="confidence"` only. Each step also unmasks
+                every position whose confidence exceeds this probability (Fast-dLLM parallel decoding). The
+                confidence is `p_theta` of the drawn candidate, which is the max probability when `temperature=0`.
             block_length (`int`, *optional*): Decode each window in left-to-right blocks of this many positions,
                 each block fully denoised before the next starts.
             stride_length (`int`, *optional*): New tokens per window in semi-autoregressive generation, in
@@ -598,33 +607,34 @@ class MdlmGenerationMixin:
         `(num_samples, seq_len)` or None, both on the model's device."""
         if prompt_ids is not None and template_ids is not None:
             raise ValueError(
-                "Both prompt_ids and template_ids were given. Pass one: a template can hold the prompt itself, "
-                "with mask_token_id at the positions to fill."
+                "Both prompt_ids and template_ids were given. Pass only one. A template can contain the prompt "
+                "itself, with mask_token_id at the positions to fill."
             )
-        given = prompt_ids if prompt_ids is not None else template_ids
+        conditioning_ids = prompt_ids if prompt_ids is not None else template_ids
         name = "prompt_ids" if prompt_ids is not None else "template_ids"
-        if given is None:
+        if conditioning_ids is None:
             num_samples = 1 if num_samples is None else num_samples
             check_positive("num_samples", num_samples)
             return torch.empty((num_samples, 0), dtype=torch.long, device=self.device), None
 
-        given = self._check_token_ids(name, given)
+        conditioning_ids = self._check_token_ids(name, conditioning_ids)
         if num_samples is None:
-            num_samples = given.shape[0]
+            num_samples = conditioning_ids.shape[0]
         check_positive("num_samples", num_samples)
-        if given.shape[0] not in (1, num_samples):
+        if conditioning_ids.shape[0] not in (1, num_samples):
             raise ValueError(
-                f"{name} has {given.shape[0]} rows but num_samples={num_samples}. Pass one row, or one per sample."
+                f"{name} has {conditioning_ids.shape[0]} rows but num_samples={num_samples}. Pass one row, or one "
+                "per sample."
             )
-        given = given.expand(num_samples, -1).clone()
+        conditioning_ids = conditioning_ids.expand(num_samples, -1).clone()
         if prompt_ids is not None:
-            if bool((given == self.config.mask_token_id).any()):
+            if bool((conditioning_ids == self.config.mask_token_id).any()):
                 raise ValueError(
                     f"prompt_ids contains mask_token_id={self.config.mask_token_id}. Use template_ids to fill "
                     "positions inside a text."
                 )
-            return given, None
-        return given[:, :0], given
+            return conditioning_ids, None
+        return conditioning_ids[:, :0], conditioning_ids
 
     def _check_token_ids(self, name: str, token_ids) -> torch.LongTensor:
         """Return `token_ids` as a 2-D LongTensor on the model's device, or raise ValueError."""
@@ -639,7 +649,7 @@ class MdlmGenerationMixin:
             token_ids = token_ids.unsqueeze(0)
         if token_ids.numel() > 0 and (int(token_ids.min()) < 0 or int(token_ids.max()) >= self.config.vocab_size):
             raise ValueError(
-                f"{name} holds ids outside [0, vocab_size={self.config.vocab_size}): min {int(token_ids.min())}, "
+                f"{name} contains ids outside [0, vocab_size={self.config.vocab_size}): min {int(token_ids.min())}, "
                 f"max {int(token_ids.max())}. Tokenize with the model's tokenizer."
             )
         return token_ids
