@@ -1,0 +1,193 @@
+"""run_mdlm.py end to end on the shared KJV corpus, its data options, its short flags and its input errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import run_mdlm
+from mdlm.arguments import parse_arguments
+from mdlm.data import load_raw_datasets, load_tokenizer
+
+from conftest import REPO_ROOT
+
+
+TINY_MODEL = ["--d_model", "64", "--n_layers", "2", "--n_heads", "2", "--max_seq_length", "64"]
+
+
+def run_script(args, tmp_path, timeout=600):
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "run_mdlm.py"), *args], cwd=tmp_path, capture_output=True, text=True,
+        timeout=timeout, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+def logged_losses(output_dir):
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    return [entry["loss"] for entry in state["log_history"] if "loss" in entry], state
+
+
+@pytest.fixture(scope="module")
+def kjv_run(tmp_path_factory, kjv_dir):
+    """One short training run on the KJV train and validation files, shared by the checks below."""
+    tmp_path = tmp_path_factory.mktemp("kjv-run")
+    output_dir = tmp_path / "out"
+    result = run_script(
+        [
+            "--data_file", str(kjv_dir / "train.txt"), "--validation_file", str(kjv_dir / "validation.txt"),
+            "--output_dir", str(output_dir), *TINY_MODEL, "--batch_size", "8", "--max_steps", "40",
+            "--learning_rate", "3e-3", "--warmup_steps", "5", "--logging_steps", "5", "--eval_steps", "20",
+            "--save_steps", "20", "--max_eval_samples", "32",
+        ],
+        tmp_path,
+    )
+    return output_dir, result
+
+
+def test_training_loss_falls_on_kjv(kjv_run):
+    output_dir, _ = kjv_run
+    losses, _ = logged_losses(output_dir)
+    assert len(losses) == 8
+    assert losses[-1] < losses[0] - 1.0
+
+
+def test_evaluation_perplexity_falls_on_kjv(kjv_run):
+    output_dir, _ = kjv_run
+    _, state = logged_losses(output_dir)
+    perplexities = [entry["eval_perplexity"] for entry in state["log_history"] if "eval_perplexity" in entry]
+    assert len(perplexities) >= 2
+    assert perplexities[-1] < perplexities[0]
+
+
+def test_run_writes_model_tokenizer_code_and_plot(kjv_run):
+    output_dir, result = kjv_run
+    for name in (
+        "config.json", "model.safetensors", "modeling_mdlm.py", "configuration_mdlm.py", "noise_schedule.py",
+        "tokenizer.json", "training_curves.png", "README.md", "eval_results.json", "train_results.json",
+    ):
+        assert (output_dir / name).is_file(), name
+    assert (output_dir / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert "eval_perplexity" in result.stdout
+    assert str(output_dir) in result.stdout
+
+
+def test_run_resumes_from_last_checkpoint(kjv_run, kjv_dir):
+    output_dir, _ = kjv_run
+    result = run_script(
+        [
+            "--data_file", str(kjv_dir / "validation.txt"), "--output_dir", str(output_dir), *TINY_MODEL,
+            "--batch_size", "8", "--max_steps", "44", "--save_steps", "20", "--max_eval_samples", "8",
+        ],
+        output_dir.parent,
+    )
+    assert "Resuming from" in result.stdout + result.stderr
+    assert "checkpoint-40" in result.stdout + result.stderr
+    _, state = logged_losses(output_dir)
+    assert state["global_step"] == 44
+
+
+def test_run_on_local_dataset_folder_and_tokenizer(tmp_path, kjv_dir, local_tokenizer_dir):
+    dataset_dir = tmp_path / "dataset"
+    dataset_dir.mkdir()
+    for split in ("train", "validation"):
+        lines = (kjv_dir / f"{split}.jsonl").read_text().splitlines()[:40]
+        records = [json.dumps({"body": json.loads(line)["text"]}) for line in lines]
+        (dataset_dir / f"{split}.jsonl").write_text("\n".join(records) + "\n")
+    output_dir = tmp_path / "out"
+    run_script(
+        [
+            "--hf_raw_repo", str(dataset_dir), "--hf_text_column", "body", "--hf_tokenizer",
+            str(local_tokenizer_dir), "--output_dir", str(output_dir), *TINY_MODEL, "--batch_size", "4",
+            "--max_steps", "3", "--max_eval_samples", "8", "--d_ff", "None", "--use_rope", "False",
+        ],
+        tmp_path,
+    )
+    config = json.loads((output_dir / "config.json").read_text())
+    assert config["vocab_size"] == 512  # 500 BPE tokens + [MASK] + [PAD], rounded up to a multiple of 64
+    assert config["tokenizer_vocab_size"] == 502
+    assert config["intermediate_size"] == 128
+    assert config["use_rope"] is False
+    saved_tokenizer = load_tokenizer(str(output_dir))
+    assert saved_tokenizer.mask_token_id == config["mask_token_id"]
+
+
+def test_short_flags_map_to_hf_arguments():
+    parser = run_mdlm.build_parser()
+    model_args, data_args, training_args, run_args = parse_arguments(
+        parser,
+        ["--epochs", "2", "--batch_size", "3", "--d_model", "96", "--n_heads", "3", "--n_layers", "5",
+         "--d_ff", "None", "--use_rope", "--rope_theta", "500", "--rope_percent", "0.5", "--output_dir", "x"],
+    )
+    run_mdlm.apply_short_flags(training_args, run_args)
+    assert training_args.num_train_epochs == 2
+    assert training_args.max_steps == -1
+    assert training_args.per_device_train_batch_size == 3
+    assert training_args.per_device_eval_batch_size == 3
+    assert model_args.hidden_size == 96
+    assert model_args.num_attention_heads == 3
+    assert model_args.num_hidden_layers == 5
+    assert model_args.intermediate_size is None
+    assert model_args.use_rope is True
+    assert model_args.rope_theta == 500
+    assert model_args.rope_percent == 0.5
+
+
+def test_missing_data_file_is_reported(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothere.txt not found"):
+        run_mdlm.main(["--data_file", str(tmp_path / "nothere.txt"), "--output_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_data_file_is_reported(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(ValueError, match="empty.txt is empty"):
+        run_mdlm.main(["--data_file", str(tmp_path / "empty.txt"), "--output_dir", str(tmp_path / "out")])
+
+
+def test_missing_text_column_names_existing_columns(tmp_path, kjv_dir):
+    with pytest.raises(ValueError, match="'body' not found.*book, chapter, text"):
+        run_mdlm.main(
+            ["--data_file", str(kjv_dir / "test.jsonl"), "--hf_text_column", "body", "--output_dir", str(tmp_path)]
+        )
+
+
+def test_missing_tokenizer_folder_is_reported(tmp_path):
+    with pytest.raises(FileNotFoundError, match="Tokenizer folder .*no_tokenizer not found"):
+        run_mdlm.main(["--hf_tokenizer", str(tmp_path / "no_tokenizer"), "--output_dir", str(tmp_path / "out")])
+
+
+def test_invalid_model_size_is_reported(tmp_path):
+    with pytest.raises(ValueError, match="num_attention_heads=3: it must divide hidden_size=64"):
+        run_mdlm.main(["--d_model", "64", "--n_heads", "3", "--output_dir", str(tmp_path / "out")])
+
+
+def test_nonempty_output_dir_without_checkpoint_is_kept(tmp_path):
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    (output_dir / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not empty and holds no checkpoint"):
+        run_mdlm.main(["--output_dir", str(output_dir)])
+    assert (output_dir / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet", ".json"])
+def test_tabular_and_json_files_load(tmp_path, suffix):
+    from datasets import Dataset
+
+    data = Dataset.from_dict({"id": [1, 2, 3], "content": ["In the beginning.", "", "And the earth."]})
+    path = tmp_path / f"docs{suffix}"
+    {".csv": data.to_csv, ".parquet": data.to_parquet, ".json": data.to_json}[suffix](str(path))
+    raw = load_raw_datasets(data_file=str(path), text_column="content", validation_split_percentage=34)
+    assert len(raw["train"]) + len(raw["validation"]) == 3
+
+
+def test_txt_file_splits_by_blank_line_or_by_line(tmp_path):
+    path = tmp_path / "docs.txt"
+    path.write_text("first line\nsame document\n\nsecond document\n\nthird\n")
+    by_paragraph = load_raw_datasets(data_file=str(path), validation_split_percentage=34)
+    by_line = load_raw_datasets(data_file=str(path), txt_sample_by="line", validation_split_percentage=34)
+    assert len(by_paragraph["train"]) + len(by_paragraph["validation"]) == 3
+    assert len(by_line["train"]) + len(by_line["validation"]) >= 4
