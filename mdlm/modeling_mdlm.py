@@ -299,12 +299,16 @@ class MdlmForMaskedDiffusion(MdlmGenerationMixin, MdlmPreTrainedModel):
     def subs_log_probs(self, logits: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Apply SUBS to raw logits and return float32 log-probabilities.
 
-        The mask token and ids at or beyond `config.num_predicted_ids` get probability zero. Where `input_ids` is
+        The mask token, the pad token (unless it doubles as end-of-document) and ids at or beyond
+        `config.num_predicted_ids` get probability zero. Where `input_ids` is
         given, positions whose input is not the mask token put all mass on that input token.
         """
         never_predicted = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
         never_predicted[self.config.mask_token_id] = True
         never_predicted[self.config.num_predicted_ids :] = True
+        pad_token_id, eod_token_id = self.config.pad_token_id, self.config.eod_token_id
+        if pad_token_id is not None and pad_token_id != eod_token_id:
+            never_predicted[pad_token_id] = True  # padding is never a target, so it is never generated either
         log_probs = logits.float().masked_fill(never_predicted, -math.inf).log_softmax(dim=-1)
         if input_ids is not None:
             unmasked = input_ids != self.config.mask_token_id

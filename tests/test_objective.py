@@ -33,7 +33,7 @@ def test_loss_equals_hand_computation():
 
     hidden, _ = model.model(inputs, attention_mask=attention_mask)
     logits = model.lm_head(hidden).double()
-    allowed = torch.arange(VOCAB_SIZE) < MASK_ID  # ids from the mask token up are never predicted
+    allowed = (torch.arange(VOCAB_SIZE) < MASK_ID) & (torch.arange(VOCAB_SIZE) != PAD_ID)  # mask and up, and pad
     log_probs = logits.masked_fill(~allowed, -math.inf).log_softmax(-1)
     total = 0.0
     for row, col in [(0, 1), (0, 5), (1, 2)]:
@@ -65,6 +65,12 @@ def test_subs_never_predicts_padded_vocabulary_ids():
     inputs = torch.full((1, 4), 49)
     probs = model(inputs).logits.exp()
     assert torch.all(probs[..., 49:] == 0)
+
+
+def test_subs_never_predicts_padding():
+    model = tiny_model().eval()
+    probs = model(torch.full((1, 4), MASK_ID)).logits.exp()
+    assert torch.all(probs[..., PAD_ID] == 0)
 
 
 def test_subs_copies_unmasked_tokens():
