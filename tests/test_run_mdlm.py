@@ -168,7 +168,7 @@ def test_nonempty_output_dir_without_checkpoint_is_kept(tmp_path):
     output_dir = tmp_path / "out"
     output_dir.mkdir()
     (output_dir / "notes.txt").write_text("keep me")
-    with pytest.raises(ValueError, match="not empty and holds no checkpoint"):
+    with pytest.raises(ValueError, match="not empty and contains no checkpoint"):
         run_mdlm.main(["--output_dir", str(output_dir)])
     assert (output_dir / "notes.txt").read_text() == "keep me"
 
