@@ -20,6 +20,7 @@ from pathlib import Path
 
 import datasets
 import transformers
+from torch.distributed.elastic.multiprocessing.errors import record
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -27,7 +28,7 @@ from mdlm import MdlmConfig, MdlmForMaskedDiffusion
 from mdlm.arguments import DataArguments, ModelArguments, RunArguments, parse_arguments
 from mdlm.collator import DataCollatorForMaskedDiffusion
 from mdlm.data import load_raw_datasets, load_tokenizer, tokenize_and_pack
-from mdlm.distributed import maybe_relaunch_distributed
+from mdlm.distributed import cpu_distributed_defaults, maybe_relaunch_distributed
 from mdlm.plotting import plot_training_curves
 from mdlm.trainer import MdlmTrainer
 
@@ -51,12 +52,17 @@ TRAINING_DEFAULTS = {
     "save_steps": 200,
     "save_total_limit": 2,
     "report_to": "none",
+    # Every MDLM parameter gets a gradient in every step, so DDP can skip its search for unused ones.
+    "ddp_find_unused_parameters": False,
 }
 
 
 def build_parser() -> HfArgumentParser:
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments, RunArguments))
     parser.set_defaults(**TRAINING_DEFAULTS)
+    # Under torchrun or accelerate launch without a GPU, each rank must be told to use CPU and gloo, or accelerate
+    # trains every rank as an unrelated single process. Flags on the command line still override these.
+    parser.set_defaults(**cpu_distributed_defaults())
     return parser
 
 
@@ -156,6 +162,8 @@ def check_output_dir(training_args: TrainingArguments, run_args: RunArguments, l
         )
 
 
+# `record` makes torchrun's failure summary name the failed rank together with its exception and traceback.
+@record
 def main(argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()

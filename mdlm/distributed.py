@@ -19,6 +19,32 @@ def under_launcher() -> bool:
     return any(name in os.environ for name in LAUNCHER_VARIABLES)
 
 
+def accelerator_backend() -> str | None:
+    """Return the distributed backend of this machine's accelerator (such as nccl), or None when training runs on CPU.
+
+    This is the test accelerate 1.16 makes in `PartialState`: without such a backend it sets up multi-process
+    training only when told to run on CPU.
+    """
+    try:
+        from accelerate.utils import get_distributed_backend, get_torch_accelerator_backend
+    except ImportError:  # accelerate versions without these helpers
+        return "nccl" if torch.cuda.is_available() else None
+    device_type, _ = get_torch_accelerator_backend()
+    return get_distributed_backend(device_type)
+
+
+def cpu_distributed_defaults() -> dict:
+    """Return the `TrainingArguments` defaults that make each launched rank train on CPU over gloo.
+
+    Under torchrun on a machine without an accelerator, accelerate 1.16 initializes a process group but still
+    treats every rank as a separate single-process run (each trains on the whole dataset, and gradients are never
+    averaged) unless `use_cpu` is set. Outside a launcher, or with an accelerator, this returns `{}`.
+    """
+    if not under_launcher() or accelerator_backend() is not None:
+        return {}
+    return {"use_cpu": True, "ddp_backend": "gloo"}
+
+
 def default_process_count() -> int:
     """One process per visible GPU, else two CPU processes on the gloo backend."""
     if torch.cuda.is_available() and torch.cuda.device_count() > 0:
@@ -60,7 +86,7 @@ def maybe_relaunch_distributed(argv: list[str], nproc_per_node: int | None, scri
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *child_argv,
     ]
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = accelerator_backend() or "gloo"
     logger.warning(f"Relaunching with {nproc} processes ({backend}): {' '.join(command)}")
     completed = subprocess.run(command)
     if completed.returncode != 0:
