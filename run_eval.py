@@ -46,6 +46,15 @@ logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
 
+# Help of the shared data options, reworded for evaluation, because the dataclass's own help speaks of training.
+DATA_HELP = {
+    "data_file": "Text to evaluate, whole: .txt, .json, .jsonl, .csv or .parquet. Default: mdlm's corpus.",
+    "validation_file": "Text that --split validation evaluates, in a format that --data_file accepts.",
+    "max_eval_samples": "Evaluate only the first this many blocks. Default: all.",
+    "max_train_samples": "Not used by run_eval.py.",
+    "validation_split_percentage": "Not used by run_eval.py, which never holds out part of a file.",
+}
+
 
 @dataclass
 class EvalArguments:
@@ -85,7 +94,9 @@ class GenerativeArguments:
 
     gen_ppl_model: str | None = field(
         default=None,
-        metadata={"help": "Causal LM folder or Hub name that scores samples. Setting it runs the generative evaluation."},
+        metadata={
+            "help": "Causal LM folder or Hub name that scores samples. Setting it runs the generative evaluation."
+        },
     )
     num_samples: int = field(default=16, metadata={"help": "Samples to generate. Default 16."})
     num_steps: int = field(default=128, metadata={"help": "Denoising steps per context window. Default 128."})
@@ -297,8 +308,16 @@ def write_jsonl(records: list[dict], path: str) -> None:
             file.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-def main(argv: list[str] | None = None) -> dict:
+def build_parser() -> HfArgumentParser:
     parser = HfArgumentParser((EvalArguments, GenerativeArguments, DataArguments))
+    for action in parser._actions:
+        if action.dest in DATA_HELP:
+            action.help = DATA_HELP[action.dest]
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = build_parser()
     eval_args, gen_args, data_args = parse_arguments(parser, argv)
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S", level=logging.INFO
