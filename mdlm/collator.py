@@ -76,6 +76,29 @@ class DataCollatorForMaskedDiffusion:
         self._offset_generator = torch.Generator().manual_seed(self.seed)
         self._mask_generator = torch.Generator().manual_seed(self.seed + self.rank * RANK_SEED_STRIDE)
 
+    def state_dict(self) -> dict:
+        """Return the noise generators' states with the rank and world size they belong to, for a checkpoint."""
+        if self._mask_generator is None:
+            self._init_generators()
+        return {
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "mask_generator": self._mask_generator.get_state(),
+            "offset_generator": self._offset_generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict):
+        """Continue the noise streams saved by `state_dict`, so a resumed run draws the noise it would have drawn."""
+        if self._mask_generator is None:
+            self._init_generators()
+        if (state["rank"], state["world_size"]) != (self.rank, self.world_size):
+            raise ValueError(
+                f"The noise state belongs to rank {state['rank']} of {state['world_size']}, but this collator is rank "
+                f"{self.rank} of {self.world_size}. Load the state saved by the same rank of a run of the same size."
+            )
+        self._mask_generator.set_state(state["mask_generator"])
+        self._offset_generator.set_state(state["offset_generator"])
+
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         if self._mask_generator is None:
             self._init_generators()

@@ -1,6 +1,8 @@
 """`MdlmTrainer`: a `transformers.Trainer` whose loss is the MDLM NELBO per counted token."""
 
 import math
+import os
+from pathlib import Path
 
 import torch
 from transformers import Trainer
@@ -12,6 +14,42 @@ from .noise_schedule import counted_token_mask
 
 
 logger = logging.get_logger(__name__)
+
+# Per-process file, next to the Trainer's `rng_state_*.pth`, with the collator's noise state at a checkpoint.
+NOISE_STATE_FILE = "noise_state_{process_index}.pth"
+# Noise states kept from before the most recent batches. The train loader collates one batch ahead of training
+# (accelerate 1.16's DataLoaderShard looks ahead to detect the last batch), so two are enough and eight leave room.
+RECENT_NOISE_STATES = 8
+
+
+class NoiseStateRecorder:
+    """Call the MDLM collator and keep its noise state from before each of the last few batches it collated.
+
+    A checkpoint must continue the noise at the first batch not yet trained on, which the loader has usually
+    collated already, so the collator's current state is one batch too far.
+    """
+
+    def __init__(self, collator: DataCollatorForMaskedDiffusion):
+        self.collator = collator
+        self.batches_collated = 0
+        self.states_before_batch = {}
+
+    def __call__(self, features):
+        self.states_before_batch[self.batches_collated] = self.collator.state_dict()
+        self.states_before_batch.pop(self.batches_collated - RECENT_NOISE_STATES, None)
+        self.batches_collated += 1
+        return self.collator(features)
+
+    def state_before(self, batch_index: int) -> dict | None:
+        """Return the noise state from before batch `batch_index`, or None when it is no longer kept."""
+        if batch_index == self.batches_collated:
+            return self.collator.state_dict()
+        return self.states_before_batch.get(batch_index)
+
+    def restore(self, state: dict, batches_collated: int):
+        self.collator.load_state_dict(state)
+        self.batches_collated = batches_collated
+        self.states_before_batch = {}
 
 
 class MdlmTrainer(Trainer):
@@ -27,6 +65,10 @@ class MdlmTrainer(Trainer):
     `eval_perplexity`, its `exp`, an upper bound on perplexity. The evaluation collator draws its noise from
     `eval_seed` afresh each time, so the same checkpoint gives the same numbers twice.
 
+    Checkpoints also store each rank's training-noise state (`noise_state_{rank}.pth`), so a run resumed with the
+    same number of processes draws the masks and times it would have drawn without the interruption. This holds
+    for map-style datasets, such as the packed blocks of run_mdlm.py, whose skipped batches are never collated.
+
     Args:
         eval_seed (`int`, *optional*, defaults to 0): Seed of the evaluation noise.
         All other arguments are those of `transformers.Trainer`.
@@ -38,6 +80,19 @@ class MdlmTrainer(Trainer):
     def __init__(self, *args, eval_seed: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         self.eval_seed = eval_seed
+        self._noise_recorder = None
+        self._batches_trained = 0
+        self._check_all_ranks_train_together()
+
+    def _check_all_ranks_train_together(self):
+        launched_processes = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched_processes > 1 and self.args.world_size == 1:
+            raise ValueError(
+                f"The launcher started {launched_processes} processes (WORLD_SIZE={launched_processes}), but "
+                "TrainingArguments sees world_size=1, so every process would train alone on the whole dataset. On a "
+                "machine without GPUs pass use_cpu=True (--use_cpu) so that accelerate trains the processes together "
+                "over gloo."
+            )
 
     def _count_tokens(self, batch: dict) -> torch.Tensor:
         config = self.accelerator.unwrap_model(self.model).config
@@ -47,6 +102,70 @@ class MdlmTrainer(Trainer):
         )
         return counted.sum()
 
+    def get_train_dataloader(self):
+        """Build the training loader, recording the MDLM collator's noise states for checkpoints."""
+        self._noise_recorder = None
+        self._batches_trained = 0
+        collator = self.data_collator
+        if not isinstance(collator, DataCollatorForMaskedDiffusion):
+            return super().get_train_dataloader()
+        if self.args.dataloader_num_workers > 0:
+            # NOTE: loader worker processes collate with copies of the collator, whose states this process never
+            # sees, so checkpoints then hold no noise state and a resumed run restarts the noise from the seed.
+            logger.warning("With dataloader_num_workers > 0, checkpoints do not store the collator's noise state.")
+            return super().get_train_dataloader()
+        self._noise_recorder = NoiseStateRecorder(collator)
+        self.data_collator = self._noise_recorder
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.data_collator = collator
+
+    # NOTE: `_init_training_state` and `_save_rng_state` are private hooks of the transformers 5.25 Trainer. A
+    # version without them never calls these overrides, and its checkpoints then carry no noise state.
+    def _init_training_state(
+        self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
+    ):
+        """Load the Trainer's state, then the noise state, before the resumed run collates its first batch."""
+        result = super()._init_training_state(
+            max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
+        )
+        if resume_from_checkpoint is not None:
+            self._load_noise_state(resume_from_checkpoint)
+        return result
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        super()._save_rng_state(output_dir)
+        if self._noise_recorder is None:
+            return
+        state = self._noise_recorder.state_before(self._batches_trained)
+        if state is None:
+            logger.warning(
+                f"The noise state before batch {self._batches_trained} is no longer kept, so the checkpoint in "
+                f"{output_dir} stores none and a run resumed from it restarts the noise from the seed."
+            )
+            return
+        path = Path(output_dir) / NOISE_STATE_FILE.format(process_index=self.args.process_index)
+        torch.save({"batches_trained": self._batches_trained, "collator": state}, path)
+
+    def _load_noise_state(self, checkpoint: str):
+        if self._noise_recorder is None:
+            return
+        path = Path(checkpoint) / NOISE_STATE_FILE.format(process_index=self.args.process_index)
+        if not path.is_file():
+            logger.warning(f"No noise state at {path}: the training noise restarts from the collator's seed.")
+            return
+        saved = torch.load(path, weights_only=True)
+        saved_world_size = saved["collator"]["world_size"]
+        if saved_world_size != self.args.world_size:
+            logger.warning(
+                f"The checkpoint's noise state comes from a run of {saved_world_size} processes and this run has "
+                f"{self.args.world_size}, so the training noise restarts from the collator's seed."
+            )
+            return
+        self._noise_recorder.restore(saved["collator"], saved["batches_trained"])
+        self._batches_trained = saved["batches_trained"]
+
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """Fetch the micro-batches of one optimizer step and count their tokens across all ranks."""
         batch_samples = []
@@ -55,6 +174,7 @@ class MdlmTrainer(Trainer):
                 batch_samples.append(next(epoch_iterator))
             except StopIteration:
                 break
+        self._batches_trained += len(batch_samples)
         if not batch_samples:
             return batch_samples, None
         num_counted = sum(self._count_tokens(batch) for batch in batch_samples).to(device)
