@@ -183,6 +183,9 @@ def main(argv: list[str] | None = None):
     last_checkpoint = find_checkpoint_to_resume(training_args, run_args)
     check_output_dir(training_args, run_args, last_checkpoint)
     tokenizer = load_tokenizer(model_args.hf_tokenizer)
+    # Seed before building the model: torch 2.13 seeds its default generator randomly in each new process, so the
+    # initial weights would otherwise differ from run to run.
+    set_seed(training_args.seed)
     model = build_model(model_args, data_args, tokenizer)
     if data_args.max_seq_length > model.config.max_position_embeddings:
         raise ValueError(
@@ -196,7 +199,6 @@ def main(argv: list[str] | None = None):
         validation_split_percentage=data_args.validation_split_percentage, seed=training_args.seed,
     )
 
-    set_seed(training_args.seed)
     with training_args.main_process_first(desc="tokenizing and packing"):
         packed = tokenize_and_pack(
             raw, tokenizer, data_args.hf_text_column, data_args.max_seq_length,
