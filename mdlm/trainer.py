@@ -83,6 +83,11 @@ class MdlmTrainer(Trainer):
         self._noise_recorder = None
         self._batches_trained = 0
         self._check_all_ranks_train_together()
+        if self.args.fsdp and not self.is_fsdp_enabled:
+            logger.warning(
+                "FSDP was requested but is not enabled: accelerate 1.16 shards models only in multi-GPU (or other "
+                "accelerator) runs, so every process trains a full copy of the model with DDP."
+            )
 
     def _check_all_ranks_train_together(self):
         launched_processes = int(os.environ.get("WORLD_SIZE", "1"))
