@@ -60,7 +60,7 @@ TRAINING_DEFAULTS = {
 def build_parser() -> HfArgumentParser:
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments, RunArguments))
     parser.set_defaults(**TRAINING_DEFAULTS)
-    # Under torchrun or accelerate launch without a GPU, each rank must be told to use CPU and gloo, or accelerate
+    # Under torchrun or accelerate launch without a GPU, each rank needs use_cpu and the gloo backend, or accelerate
     # trains every rank as an unrelated single process. Flags on the command line still override these.
     parser.set_defaults(**cpu_distributed_defaults())
     return parser

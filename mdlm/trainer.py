@@ -115,8 +115,8 @@ class MdlmTrainer(Trainer):
         if not isinstance(collator, DataCollatorForMaskedDiffusion):
             return super().get_train_dataloader()
         if self.args.dataloader_num_workers > 0:
-            # NOTE: loader worker processes collate with copies of the collator, whose states this process never
-            # sees, so checkpoints then hold no noise state and a resumed run restarts the noise from the seed.
+            # NOTE: loader worker processes collate with copies of the collator, whose states never reach this
+            # process, so checkpoints then hold no noise state and a resumed run restarts the noise from the seed.
             logger.warning("With dataloader_num_workers > 0, checkpoints do not store the collator's noise state.")
             return super().get_train_dataloader()
         self._noise_recorder = NoiseStateRecorder(collator)
