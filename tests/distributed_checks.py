@@ -132,6 +132,9 @@ def run_sgd_step(output_dir, batch_size: int, accumulation: int) -> dict:
     trainer.train()
     after = parameters_of(model)
     return {
+        "backend": torch.distributed.get_backend() if torch.distributed.is_initialized() else None,
+        "distributed_type": trainer.accelerator.distributed_type.value,
+        "world_size": trainer.args.world_size,
         "loss": logged_losses(trainer)[0],
         "updates": {name: before[name] - after[name] for name in before},  # the gradient, at learning rate 1
         "example_ids": trainer.example_ids,

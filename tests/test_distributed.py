@@ -83,6 +83,14 @@ def single_process_sgd_step(tmp_path_factory):
 SGD_RUNS = ["sgd_step", "sgd_step_accumulated"]  # 2 examples per rank, or 1 per micro-batch and 2 micro-batches
 
 
+def test_trainer_ranks_train_together_over_gloo(rank_records):
+    records, _ = rank_records
+    for record in records:
+        assert record["sgd_step"]["backend"] == "gloo"
+        assert record["sgd_step"]["distributed_type"] == "MULTI_CPU"
+        assert record["sgd_step"]["world_size"] == NUM_PROCESSES
+
+
 @pytest.mark.parametrize("run", SGD_RUNS)
 def test_ranks_count_different_token_numbers(rank_records, run):
     records, _ = rank_records
@@ -254,6 +262,8 @@ def distributed_run(tmp_path_factory, kjv_validation_file):
 def test_run_mdlm_relaunches_on_gloo(distributed_run):
     _, output = distributed_run
     assert f"Relaunching with {NUM_PROCESSES} processes (gloo)" in output
+    assert "use_cpu=True" in output
+    assert "ddp_backend=gloo" in output
     assert "Total train batch size (w. parallel, distributed & accumulation) = 8" in output
 
 
