@@ -45,11 +45,11 @@ TRAINING_DEFAULTS = {
     "adam_beta2": 0.98,
     "warmup_steps": 50,
     "lr_scheduler_type": "cosine",
-    "max_steps": 400,
-    "logging_steps": 10,
+    "max_steps": 1000,
+    "logging_steps": 20,
     "eval_strategy": "steps",
-    "eval_steps": 100,
-    "save_steps": 200,
+    "eval_steps": 200,
+    "save_steps": 500,
     "save_total_limit": 2,
     "report_to": "none",
     # Every MDLM parameter gets a gradient in every step, so DDP can skip its search for unused ones.
@@ -151,13 +151,13 @@ def build_model(model_args: ModelArguments, data_args: DataArguments, tokenizer)
 
 
 def check_output_dir(training_args: TrainingArguments, run_args: RunArguments, last_checkpoint: str | None):
-    """Refuse to write over a non-empty output folder that holds no checkpoint, so nothing already there is lost."""
+    """Reject a non-empty output folder without checkpoints, so that nothing already in it is overwritten."""
     output_dir = Path(training_args.output_dir)
     if not training_args.do_train or last_checkpoint is not None or run_args.overwrite_output_dir:
         return
     if output_dir.is_dir() and any(output_dir.iterdir()):
         raise ValueError(
-            f"Output folder {output_dir} is not empty and holds no checkpoint to resume from. "
+            f"Output folder {output_dir} is not empty and contains no checkpoint to resume from. "
             "Pass another --output_dir, or --overwrite_output_dir to write into it anyway."
         )
 
