@@ -96,16 +96,19 @@ class MdlmRotaryEmbedding(nn.Module):
         return cos[position_ids][:, None], sin[position_ids][:, None]
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat((-second, first), dim=-1)
-
-
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first `cos.shape[-1]` dimensions of `x` (batch, heads, seq, head_dim); the rest pass through."""
+    """Rotate the first `cos.shape[-1]` dimensions of `x`; the rest pass through.
+
+    The rotary dimensions are two halves `(x1, x2)`, and the result is `(x1 cos - x2 sin, x2 cos + x1 sin)`.
+    `cos` and `sin` must broadcast against `x[..., :rotary_dim]`. They are float32, so type promotion runs the
+    arithmetic in float32 for bfloat16 or float16 inputs, with one rounding back to `x.dtype` at the end.
+    """
     rotary_dim = cos.shape[-1]
+    half = rotary_dim // 2
     rotated, passed = x[..., :rotary_dim], x[..., rotary_dim:]
-    rotated = (rotated.float() * cos + rotate_half(rotated.float()) * sin).to(x.dtype)
+    swapped = rotated.unflatten(-1, (2, half)).flip(-2).flatten(-2)  # (x2, x1)
+    signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+    rotated = torch.addcmul(rotated * cos, swapped, signed_sin).to(x.dtype)
     if passed.shape[-1] == 0:
         return rotated
     return torch.cat((rotated, passed), dim=-1)
@@ -123,17 +126,21 @@ class MdlmAttention(nn.Module):
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
 
     def forward(self, hidden_states, rotary=None, attention_mask=None):
+        """`rotary` is the pair `(cos, sin)`, each broadcastable to `(batch, seq, 1, 1, rotary_dim)`."""
         B, L, D = hidden_states.shape
         qkv = self.qkv_proj(hidden_states).view(B, L, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, L, head_dim)
+        # Splitting, not permuting, keeps each gradient in the (B, L, 3, heads, head_dim) layout, so the backward
+        # pass fills the projection's gradient with one concatenation instead of a stack and a copy.
+        query_key, value = qkv.split((2, 1), dim=2)
 
         if rotary is not None:
             cos, sin = rotary
-            q = apply_rotary(q, cos, sin)
-            k = apply_rotary(k, cos, sin)
+            query_key = apply_rotary(query_key, cos, sin)  # queries and keys rotate in one pass
+        query, key = (part.transpose(1, 2) for part in query_key.unbind(2))  # each (B, heads, L, head_dim)
+        value = value.squeeze(2).transpose(1, 2)
 
         dropout = self.attention_dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=dropout)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout)
         return self.o_proj(out.transpose(1, 2).reshape(B, L, D))
 
 
@@ -225,7 +232,9 @@ class MdlmModel(MdlmPreTrainedModel):
 
         rotary = None
         if self.config.use_rope:
-            rotary = self.rotary(position_ids, L, input_ids.device)
+            cos, sin = self.rotary(position_ids, L, input_ids.device)  # (batch or 1, 1, L, rotary_dim)
+            # The attention rotates queries and keys in its (B, L, 2, heads, head_dim) layout.
+            rotary = (cos.transpose(1, 2).unsqueeze(2), sin.transpose(1, 2).unsqueeze(2))
         else:
             positions = position_ids if position_ids is not None else torch.arange(L, device=input_ids.device)
             hidden_states = hidden_states + self.embed_positions(positions)
