@@ -387,13 +387,18 @@ class MdlmForMaskedDiffusion(MdlmGenerationMixin, MdlmPreTrainedModel):
         The output layer runs only at masked positions. Unmasked positions contribute zero under SUBS, because
         they copy their input with probability one.
         """
-        masked = labels != -100
-        rows = hidden_states[masked]  # (num_masked, hidden); may be empty, which gives zeros
+        batch_size, seq_len = labels.shape
+        # One data-dependent `nonzero` finds the masked positions and the selections below reuse it, so
+        # torch.compile breaks the graph once here instead of three times. The backward pass of `index_select` is
+        # an `index_add`, which took two thirds of the time of boolean indexing's `index_put` on one CPU core.
+        positions = (labels != -100).flatten().nonzero().squeeze(-1)  # (num_masked,); may be empty, giving zeros
+        rows = hidden_states.flatten(0, 1).index_select(0, positions)  # (num_masked, hidden)
+        targets = labels.flatten().index_select(0, positions)
         log_probs = self.subs_log_probs(self.lm_head(rows))
-        token_nll = -log_probs.gather(-1, labels[masked].unsqueeze(-1)).squeeze(-1)
-        example_index = masked.nonzero()[:, 0]
+        token_nll = -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        example_index = positions // seq_len
         weighted = self.schedule.loss_weight(t.float())[example_index] * token_nll
-        return torch.zeros(labels.shape[0], device=weighted.device, dtype=weighted.dtype).index_add(
+        return torch.zeros(batch_size, device=weighted.device, dtype=weighted.dtype).index_add(
             0, example_index, weighted
         )
 
