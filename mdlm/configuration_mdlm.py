@@ -38,6 +38,11 @@ class MdlmConfig(PreTrainedConfig):
         attention_dropout (`float`): Dropout on the attention probabilities.
         mask_token_id (`int`): Id of the absorbing mask token. It is never predicted.
         eod_token_id (`int`, *optional*): End-of-document id. It is structure, never a prediction target.
+        document_attention (`bool`): Treat each block as packed documents, each ended by `eod_token_id`. A token
+            attends only to tokens of its own document, and rotary or learned positions restart at 0 after every
+            end-of-document token. Boundaries are read from `input_ids`, so a masked end-of-document token joins
+            its two documents. Keep end-of-document tokens unmasked, as the collator does by default. Needs
+            `eod_token_id`.
         pad_token_id (`int`, *optional*): Padding id.
         tokenizer_vocab_size (`int`, *optional*): Number of ids the tokenizer uses. Ids from there up to
             `vocab_size` only pad the embedding table and are never predicted. `None` means all ids are real.
@@ -69,6 +74,7 @@ class MdlmConfig(PreTrainedConfig):
     attention_dropout: float = 0.0
     mask_token_id: int = 4095
     eod_token_id: int | None = None
+    document_attention: bool = False
     pad_token_id: int | None = None
     tokenizer_vocab_size: int | None = None
     noise_eps: float = 1e-3
@@ -130,6 +136,11 @@ class MdlmConfig(PreTrainedConfig):
             value = getattr(self, name)
             if value is not None and not 0 <= value < self.vocab_size:
                 raise ValueError(f"Invalid {name}={value}: it must lie in [0, vocab_size={self.vocab_size}).")
+        if self.document_attention and self.eod_token_id is None:
+            raise ValueError(
+                "document_attention=True needs eod_token_id, because documents are the spans that end-of-document "
+                "tokens close. Set eod_token_id or turn document_attention off."
+            )
         if not 0.0 < self.noise_eps < 1.0:
             raise ValueError(f"Invalid noise_eps={self.noise_eps}: it must lie in (0, 1).")
         if not 0.0 < self.sampling_eps < 1.0:

@@ -230,6 +230,12 @@ class MdlmModel(MdlmPreTrainedModel):
             )
         hidden_states = self.embed_tokens(input_ids)
 
+        documents = None
+        if self.config.document_attention:
+            documents = document_ids(input_ids, self.config.eod_token_id)
+            if position_ids is None:
+                position_ids = document_position_ids(documents)
+
         rotary = None
         if self.config.use_rope:
             cos, sin = self.rotary(position_ids, L, input_ids.device)  # (batch or 1, 1, L, rotary_dim)
@@ -240,7 +246,9 @@ class MdlmModel(MdlmPreTrainedModel):
             hidden_states = hidden_states + self.embed_positions(positions)
         hidden_states = self.dropout(hidden_states)
 
-        sdpa_mask = key_padding_mask(attention_mask)
+        sdpa_mask = document_attention_mask(documents, attention_mask) if documents is not None else None
+        if sdpa_mask is None:
+            sdpa_mask = key_padding_mask(attention_mask)
 
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         for layer in self.layers:
@@ -264,6 +272,42 @@ def key_padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None
         return None
     keys = keys | ~keys.any(dim=-1, keepdim=True)
     return keys[:, None, None, :]  # (B, 1, 1, L): broadcast over heads and queries
+
+
+def document_ids(input_ids: torch.Tensor, eod_token_id: int) -> torch.Tensor:
+    """Number the packed documents of each row from 0.
+
+    A token belongs to the document that the next end-of-document token ends, and that token belongs to it too.
+    Tokens after the last end-of-document token form a final document.
+    """
+    is_eod = (input_ids == eod_token_id).long()
+    return is_eod.cumsum(dim=-1) - is_eod
+
+
+def document_position_ids(documents: torch.Tensor) -> torch.Tensor:
+    """Return each token's position inside its document, 0 at the document's first token."""
+    positions = torch.arange(documents.shape[-1], device=documents.device).expand_as(documents)
+    starts = torch.ones_like(documents, dtype=torch.bool)
+    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    document_start = torch.where(starts, positions, 0).cummax(dim=-1).values
+    return positions - document_start
+
+
+def document_attention_mask(documents: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Return a boolean SDPA mask of shape (B, 1, L, L) that lets each query see only the keys of its own document
+    that are not padding, or None when every row contains a single document.
+
+    None leaves the choice to `key_padding_mask`, which keeps the fused kernels for unpacked batches. A query with
+    no visible key (a document made only of padding) attends to every key, because softmax over no keys is NaN.
+    Its outputs are ignored anyway.
+    """
+    if not bool(documents[:, -1].any()):  # the last token's document index counts the boundaries before it
+        return None
+    allowed = documents[:, :, None] == documents[:, None, :]  # (B, L queries, L keys)
+    if attention_mask is not None:
+        allowed = allowed & attention_mask.bool()[:, None, :]
+        allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
+    return allowed[:, None]
 
 
 REMOTE_CODE_AUTO_MAP = {
@@ -343,7 +387,8 @@ class MdlmForMaskedDiffusion(MdlmGenerationMixin, MdlmPreTrainedModel):
         Args:
             input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): Noised tokens `x_t`.
             attention_mask (`torch.Tensor`, *optional*): 1 for real tokens, 0 for padding, which no position attends to.
-            position_ids (`torch.LongTensor`, *optional*): Positions for the rotary or learned embeddings.
+            position_ids (`torch.LongTensor`, *optional*): Positions for the rotary or learned embeddings. With
+                `config.document_attention` they default to positions that restart at 0 in every document.
             labels (`torch.LongTensor`, *optional*): The clean token at masked counted positions, -100 elsewhere.
             t (`torch.Tensor` of shape `(batch_size,)`, *optional*): Diffusion time of each example; needed with `labels`.
             num_items_in_batch (`int` or `torch.Tensor`, *optional*): Counted tokens over the whole accumulated,
