@@ -56,6 +56,7 @@ class DataCollatorForMaskedDiffusion:
     world_size: int | None = None
     _mask_generator: torch.Generator | None = field(default=None, init=False, repr=False)
     _offset_generator: torch.Generator | None = field(default=None, init=False, repr=False)
+    _worker_id: int | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         self.schedule = LogLinearSchedule(self.noise_eps)
@@ -73,8 +74,16 @@ class DataCollatorForMaskedDiffusion:
             distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
             self.rank = torch.distributed.get_rank() if distributed else 0
             self.world_size = torch.distributed.get_world_size() if distributed else 1
-        self._offset_generator = torch.Generator().manual_seed(self.seed)
-        self._mask_generator = torch.Generator().manual_seed(self.seed + self.rank * RANK_SEED_STRIDE)
+        base_seed = self.seed
+        worker = torch.utils.data.get_worker_info()
+        self._worker_id = worker.id if worker is not None else None
+        if worker is not None:
+            # Each loader worker collates its own batches from a copy of this collator, so copies seeded alike would
+            # repeat each other's noise. The worker seed differs per worker and per epoch and, since the Trainer
+            # seeds every rank alike, is the same on every rank, which keeps the time offsets shared.
+            base_seed = (self.seed + worker.seed) % 2**62
+        self._offset_generator = torch.Generator().manual_seed(base_seed)
+        self._mask_generator = torch.Generator().manual_seed(base_seed + self.rank * RANK_SEED_STRIDE)
 
     def state_dict(self) -> dict:
         """Return the noise generators' states with the rank and world size they belong to, for a checkpoint."""
@@ -100,7 +109,8 @@ class DataCollatorForMaskedDiffusion:
         self._offset_generator.set_state(state["offset_generator"])
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        if self._mask_generator is None:
+        worker = torch.utils.data.get_worker_info()
+        if self._mask_generator is None or (worker is not None and worker.id != self._worker_id):
             self._init_generators()
         input_ids, attention_mask = self._stack(features)
         t = sample_times(

@@ -110,3 +110,12 @@ def test_ranks_draw_different_masks_with_shared_strata():
     together = torch.cat([rank0["t"], rank1["t"]]).double().sort().values
     gaps = together.diff()
     torch.testing.assert_close(gaps, torch.full_like(gaps, (1 - 1e-3) / 8), rtol=1e-5, atol=1e-6)
+
+
+def test_loader_workers_draw_different_noise():
+    features, _ = packed_features(num_blocks=8)
+    loader = torch.utils.data.DataLoader(features, batch_size=2, num_workers=2, collate_fn=collator())
+    times = [batch["t"] for batch in loader]
+    assert len(times) == 4
+    assert not torch.equal(times[0], times[1])
+    assert len({tuple(t.tolist()) for t in times}) == 4
