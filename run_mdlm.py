@@ -248,7 +248,10 @@ def main(argv: list[str] | None = None):
             card["dataset"] = data_args.hf_raw_repo
         trainer.create_model_card(**card)
         print(json.dumps(metrics, indent=2, sort_keys=True))
-        print(f"Model, tokenizer and code saved to {os.path.abspath(training_args.output_dir)}")
+        if training_args.do_train:
+            print(f"Model, tokenizer and code saved to {os.path.abspath(training_args.output_dir)}")
+        else:
+            print(f"Metrics saved to {os.path.abspath(training_args.output_dir)}")
         if plot is not None:
             print(f"Training curves: {os.path.abspath(plot)}")
     if training_args.push_to_hub:
