@@ -294,6 +294,7 @@ def evaluate_samples(model, tokenizer, judge, gen_args: GenerativeArguments, see
         "sampler": gen_args.sampler, "num_steps": gen_args.num_steps, "num_samples": gen_args.num_samples,
         "seq_len": len(samples[0]), "seed": seed, "gen_ppl_model": gen_args.gen_ppl_model,
         "generative_perplexity": scores.perplexity, "gen_nll_per_token": scores.nll_per_token,
+        "gen_nll_standard_error": scores.standard_error,
         "gen_ppl_num_tokens": scores.num_tokens, "gen_ppl_max_length": scores.max_length,
         "gen_ppl_stride": scores.stride, "unigram_entropy_nats": unigram_entropy(samples), **cost,
     }

@@ -204,6 +204,8 @@ class GenerativePerplexity:
         perplexity (`float`): `exp(nll_per_token)`.
         nll_per_token (`float`): Negative log-likelihood under the causal LM, in nats per token of its tokenizer,
             pooled over all samples (total NLL divided by total tokens).
+        standard_error (`float`): Standard error of `nll_per_token` over samples, in nats, computed like that of
+            [`perplexity_bound`] with samples in place of sequences. It is NaN for a single sample.
         num_tokens (`int`): Scored tokens of the causal LM's tokenizer, over all samples.
         num_samples (`int`): Scored samples.
         max_length (`int`): Longest window the causal LM saw, in its tokens.
@@ -213,6 +215,7 @@ class GenerativePerplexity:
 
     perplexity: float
     nll_per_token: float
+    standard_error: float
     num_tokens: int
     num_samples: int
     max_length: int
@@ -303,8 +306,7 @@ def causal_lm_perplexity(
 
     Each text is tokenized without special tokens, and the tokenizer's BOS token (its EOS token when it has no
     BOS, as with the mdlm tokenizer) is put in front, so that every token of the text is scored, the first one
-    included.
-    Without either, the first token serves as context only and is not scored.
+    included. Without either, the first token serves as context only and is not scored.
 
     A text longer than `max_length` tokens is scored with a sliding window: every window contains at most
     `max_length` tokens and scores the next `stride` tokens not yet scored. Each token is scored exactly once,
@@ -327,26 +329,30 @@ def causal_lm_perplexity(
     start_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
 
     windows = []  # (window token ids, index in the window of its first scored token)
-    for text in texts:
+    window_samples = []  # index of the text each window belongs to
+    for index, text in enumerate(texts):
         ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
         if start_token_id is not None:
             ids = [start_token_id, *ids]
         for start, end, first_scored in plan_scoring_windows(len(ids), max_length, stride):
             windows.append((ids[start:end], first_scored - start))
+            window_samples.append(index)
 
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    total_nll, total_tokens = 0.0, 0
+    sample_nll = torch.zeros(len(texts), dtype=torch.float64)
+    sample_tokens = torch.zeros(len(texts), dtype=torch.float64)
     for first in range(0, len(windows), batch_size):
-        nll, num_tokens = score_windows(model, windows[first : first + batch_size], pad_token_id)
-        total_nll += nll
-        total_tokens += num_tokens
-    if total_tokens == 0:
+        window_nll, window_tokens = score_windows(model, windows[first : first + batch_size], pad_token_id)
+        samples = torch.tensor(window_samples[first : first + batch_size])
+        sample_nll.index_add_(0, samples, window_nll)
+        sample_tokens.index_add_(0, samples, window_tokens)
+    if sample_tokens.sum() == 0:
         raise ValueError("The samples contain no token to score. Pass non-empty texts.")
 
-    nll_per_token = total_nll / total_tokens
+    nll_per_token, standard_error = ratio_estimate(sample_nll, sample_tokens)
     return GenerativePerplexity(
-        perplexity=bounded_exp(nll_per_token), nll_per_token=nll_per_token, num_tokens=total_tokens,
-        num_samples=len(texts), max_length=max_length, stride=stride,
+        perplexity=bounded_exp(nll_per_token), nll_per_token=nll_per_token, standard_error=standard_error,
+        num_tokens=int(sample_tokens.sum()), num_samples=len(texts), max_length=max_length, stride=stride,
     )
 
 
@@ -388,8 +394,8 @@ def plan_scoring_windows(num_ids: int, max_length: int, stride: int) -> list[tup
     return windows
 
 
-def score_windows(model, windows: list[tuple[list[int], int]], pad_token_id: int) -> tuple[float, int]:
-    """Return the summed NLL (nats) of the scored tokens of a batch of windows, and their number."""
+def score_windows(model, windows: list[tuple[list[int], int]], pad_token_id: int):
+    """Return, per window, the summed NLL (nats) of its scored tokens and their number, both float64 on the CPU."""
     length = max(len(ids) for ids, _ in windows)
     input_ids = torch.full((len(windows), length), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(windows), length), dtype=torch.long)
@@ -406,7 +412,8 @@ def score_windows(model, windows: list[tuple[list[int], int]], pad_token_id: int
         logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:].to(device), reduction="none"
     )
     scored = scored[:, 1:].to(device)
-    return float(token_nll[scored].double().sum()), int(scored.sum())
+    window_nll = (token_nll.double() * scored).sum(dim=1)
+    return window_nll.cpu(), scored.sum(dim=1).double().cpu()
 
 
 def unigram_entropy(token_id_sequences, ignore_token_ids: Iterable[int] = ()) -> float:

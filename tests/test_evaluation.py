@@ -309,6 +309,20 @@ def test_batched_windows_match_one_at_a_time(judge, kjv_dir):
     assert batched.nll_per_token == pytest.approx(single.nll_per_token, rel=1e-5)
 
 
+def test_generative_standard_error_spans_samples(judge, kjv_dir):
+    model, tokenizer = judge
+    passages = kjv_passages(kjv_dir, count=5, num_characters=300)
+    pooled = causal_lm_perplexity(passages, model, tokenizer)
+    alone = [causal_lm_perplexity([text], model, tokenizer) for text in passages]
+    sample_nll = torch.tensor([result.nll_per_token * result.num_tokens for result in alone])
+    sample_tokens = torch.tensor([float(result.num_tokens) for result in alone])
+    expected_nll, expected_error = ratio_estimate(sample_nll, sample_tokens)
+    assert pooled.nll_per_token == pytest.approx(expected_nll, rel=1e-5)
+    assert pooled.standard_error == pytest.approx(expected_error, rel=1e-4)
+    assert pooled.standard_error > 0
+    assert math.isnan(alone[0].standard_error)
+
+
 @pytest.mark.parametrize(
     "num_ids, max_length, stride", [(2, 4, 1), (10, 4, 1), (10, 4, 3), (100, 16, 8), (17, 16, 8), (16, 16, 5)]
 )
@@ -405,6 +419,7 @@ def test_run_eval_end_to_end_both_modes(kjv_models, judge_dir, kjv_blocks, kjv_d
     assert generative["seq_len"] == 32
     assert generative["forward_passes_per_batch"] == 8
     assert math.isfinite(generative["generative_perplexity"])
+    assert generative["gen_nll_standard_error"] > 0
     assert 0 < generative["unigram_entropy_nats"] <= math.log(32)
     assert generative["seconds_per_sample"] > 0
     assert '"generative_perplexity"' in result.stdout
