@@ -137,7 +137,9 @@ class MdlmAttention(nn.Module):
             cos, sin = rotary
             query_key = apply_rotary(query_key, cos, sin)  # queries and keys rotate in one pass
         query, key = (part.transpose(1, 2) for part in query_key.unbind(2))  # each (B, heads, L, head_dim)
-        value = value.squeeze(2).transpose(1, 2)
+        # SDPA saves the value for its backward pass. A contiguous copy lets the whole projection output be freed
+        # after the rotary, where a view of it would keep the queries and keys alive too.
+        value = value.squeeze(2).contiguous().transpose(1, 2)
 
         dropout = self.attention_dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout)
@@ -349,6 +351,16 @@ class MdlmForMaskedDiffusion(MdlmGenerationMixin, MdlmPreTrainedModel):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
+    def never_predicted_ids(self, vocab_size: int, device: torch.device) -> torch.Tensor:
+        """Return a boolean `(vocab_size,)` mask of the ids that SUBS gives probability zero."""
+        never_predicted = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+        never_predicted[self.config.mask_token_id] = True
+        never_predicted[self.config.num_predicted_ids :] = True
+        pad_token_id, eod_token_id = self.config.pad_token_id, self.config.eod_token_id
+        if pad_token_id is not None and pad_token_id != eod_token_id:
+            never_predicted[pad_token_id] = True  # padding is never a target, so it is never generated either
+        return never_predicted
+
     def subs_log_probs(self, logits: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Apply SUBS to raw logits and return float32 log-probabilities.
 
@@ -356,12 +368,7 @@ class MdlmForMaskedDiffusion(MdlmGenerationMixin, MdlmPreTrainedModel):
         `config.num_predicted_ids` get probability zero. Where `input_ids` is
         given, positions whose input is not the mask token put all mass on that input token.
         """
-        never_predicted = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-        never_predicted[self.config.mask_token_id] = True
-        never_predicted[self.config.num_predicted_ids :] = True
-        pad_token_id, eod_token_id = self.config.pad_token_id, self.config.eod_token_id
-        if pad_token_id is not None and pad_token_id != eod_token_id:
-            never_predicted[pad_token_id] = True  # padding is never a target, so it is never generated either
+        never_predicted = self.never_predicted_ids(logits.shape[-1], logits.device)
         log_probs = logits.float().masked_fill(never_predicted, -math.inf).log_softmax(dim=-1)
         if input_ids is not None:
             unmasked = input_ids != self.config.mask_token_id
@@ -439,8 +446,15 @@ class MdlmForMaskedDiffusion(MdlmGenerationMixin, MdlmPreTrainedModel):
         positions = (labels != -100).flatten().nonzero().squeeze(-1)  # (num_masked,); may be empty, giving zeros
         rows = hidden_states.flatten(0, 1).index_select(0, positions)  # (num_masked, hidden)
         targets = labels.flatten().index_select(0, positions)
-        log_probs = self.subs_log_probs(self.lm_head(rows))
-        token_nll = -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        # The ids that SUBS never predicts get -inf logits in place, so at most two (num_masked, vocab) float32
+        # tensors exist in the forward pass. In place is safe because the matmul's backward does not read its
+        # output. Adding 0 or -inf passes the gradient through, where masked_fill's backward would allocate a copy.
+        logits = self.lm_head(rows).float()
+        never_predicted = self.never_predicted_ids(logits.shape[-1], logits.device)
+        zero_probability = torch.zeros(never_predicted.shape, device=logits.device)
+        zero_probability.masked_fill_(never_predicted, -math.inf)
+        logits.add_(zero_probability)
+        token_nll = F.cross_entropy(logits, targets, reduction="none")  # -log p_theta(x_0 | x_t)
         example_index = positions // seq_len
         weighted = self.schedule.loss_weight(t.float())[example_index] * token_nll
         return torch.zeros(batch_size, device=weighted.device, dtype=weighted.dtype).index_add(
