@@ -97,18 +97,27 @@ class MdlmRotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first `cos.shape[-1]` dimensions of `x`; the rest pass through.
+    """Rotate the first `cos.shape[-1]` dimensions of `x` and pass the rest through.
 
     The rotary dimensions are two halves `(x1, x2)`, and the result is `(x1 cos - x2 sin, x2 cos + x1 sin)`.
     `cos` and `sin` must broadcast against `x[..., :rotary_dim]`. They are float32, so type promotion runs the
     arithmetic in float32 for bfloat16 or float16 inputs, with one rounding back to `x.dtype` at the end.
     """
+    return rotate_with_signed_sin(x, cos, signed_sin(sin))
+
+
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """Return `(-sin, sin)` over the two halves of the rotary dimensions, the factor of the swapped halves."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def rotate_with_signed_sin(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """Compute `apply_rotary` from the table that `signed_sin` returns, which the model builds once per forward."""
     rotary_dim = cos.shape[-1]
-    half = rotary_dim // 2
     rotated, passed = x[..., :rotary_dim], x[..., rotary_dim:]
-    swapped = rotated.unflatten(-1, (2, half)).flip(-2).flatten(-2)  # (x2, x1)
-    signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-    rotated = torch.addcmul(rotated * cos, swapped, signed_sin).to(x.dtype)
+    swapped = rotated.unflatten(-1, (2, rotary_dim // 2)).flip(-2).flatten(-2)  # (x2, x1)
+    rotated = torch.addcmul(rotated * cos, swapped, sin_signed).to(x.dtype)
     if passed.shape[-1] == 0:
         return rotated
     return torch.cat((rotated, passed), dim=-1)
@@ -126,7 +135,7 @@ class MdlmAttention(nn.Module):
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
 
     def forward(self, hidden_states, rotary=None, attention_mask=None):
-        """`rotary` is the pair `(cos, sin)`, each broadcastable to `(batch, seq, 1, 1, rotary_dim)`."""
+        """`rotary` is the pair `(cos, signed_sin(sin))`, each broadcastable to `(batch, seq, 1, 1, rotary_dim)`."""
         B, L, D = hidden_states.shape
         qkv = self.qkv_proj(hidden_states).view(B, L, 3, self.num_heads, self.head_dim)
         # Splitting, not permuting, keeps each gradient in the (B, L, 3, heads, head_dim) layout, so the backward
@@ -134,8 +143,8 @@ class MdlmAttention(nn.Module):
         query_key, value = qkv.split((2, 1), dim=2)
 
         if rotary is not None:
-            cos, sin = rotary
-            query_key = apply_rotary(query_key, cos, sin)  # queries and keys rotate in one pass
+            cos, sin_signed = rotary
+            query_key = rotate_with_signed_sin(query_key, cos, sin_signed)  # queries and keys rotate in one pass
         query, key = (part.transpose(1, 2) for part in query_key.unbind(2))  # each (B, heads, L, head_dim)
         # SDPA saves the value for its backward pass. A contiguous copy lets the whole projection output be freed
         # after the rotary, where a view of it would keep the queries and keys alive too.
@@ -241,8 +250,9 @@ class MdlmModel(MdlmPreTrainedModel):
         rotary = None
         if self.config.use_rope:
             cos, sin = self.rotary(position_ids, L, input_ids.device)  # (batch or 1, 1, L, rotary_dim)
-            # The attention rotates queries and keys in its (B, L, 2, heads, head_dim) layout.
-            rotary = (cos.transpose(1, 2).unsqueeze(2), sin.transpose(1, 2).unsqueeze(2))
+            # The attention rotates queries and keys in its (B, L, 2, heads, head_dim) layout. Every layer shares
+            # one signed sine table, which each layer's backward pass keeps.
+            rotary = (cos.transpose(1, 2).unsqueeze(2), signed_sin(sin).transpose(1, 2).unsqueeze(2))
         else:
             positions = position_ids if position_ids is not None else torch.arange(L, device=input_ids.device)
             hidden_states = hidden_states + self.embed_positions(positions)
