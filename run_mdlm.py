@@ -22,6 +22,7 @@ import datasets
 import transformers
 from torch.distributed.elastic.multiprocessing.errors import record
 from transformers import HfArgumentParser, TrainingArguments, set_seed
+from transformers.hf_argparser import string_to_bool
 from transformers.trainer_utils import get_last_checkpoint
 
 from mdlm import MdlmConfig, MdlmForMaskedDiffusion
@@ -162,6 +163,38 @@ def check_output_dir(training_args: TrainingArguments, run_args: RunArguments, l
         )
 
 
+def flag_value(argv: list[str], name: str) -> bool | None:
+    """Return the boolean that `argv` gives flag `name` (`--x`, `--x VALUE` or `--x=VALUE`), or None if absent."""
+    for index, flag in enumerate(argv):
+        key, has_value, value = flag.partition("=")
+        if key != name:
+            continue
+        if not has_value and index + 1 < len(argv) and not argv[index + 1].startswith("-"):
+            value = argv[index + 1]
+        return string_to_bool(value) if value else True
+    return None
+
+
+def choose_steps(training_args, argv: list[str]):
+    """Set `do_train` and `do_eval` from the flags on the command line.
+
+    With no step flag, the script trains and evaluates. Training stays on unless `--do_train False` is given or the
+    command asks for an evaluation or prediction on its own (`--do_eval` without `--do_train`). The command line
+    is read instead of the parsed flags, because TrainingArguments turns `do_eval` on by itself whenever an
+    eval_strategy is set.
+    """
+    requested = {name: flag_value(argv, f"--{name}") for name in ("do_train", "do_eval", "do_predict")}
+    if all(value is None for value in requested.values()):
+        training_args.do_train = training_args.do_eval = True
+    elif requested["do_train"] is None:
+        training_args.do_train = not (requested["do_eval"] or requested["do_predict"])
+    if not (training_args.do_train or training_args.do_eval):
+        raise ValueError(
+            "Nothing to run: training and evaluation are both off. Remove --do_train False to train, or pass "
+            "--do_eval to evaluate."
+        )
+
+
 # `record` makes torchrun's failure summary name the failed rank together with its exception and traceback.
 @record
 def main(argv: list[str] | None = None):
@@ -171,10 +204,7 @@ def main(argv: list[str] | None = None):
     if run_args.distributed and maybe_relaunch_distributed(argv, run_args.nproc_per_node):
         return None
 
-    # Train and evaluate unless the user chose a step. TrainingArguments turns do_eval on by itself whenever an
-    # eval_strategy is set, so the command line is read instead of the parsed flags.
-    if not any(flag.split("=")[0] in ("--do_train", "--do_eval", "--do_predict") for flag in argv):
-        training_args.do_train = training_args.do_eval = True
+    choose_steps(training_args, argv)
     apply_short_flags(training_args, run_args)
     setup_logging(training_args)
     logger.info(f"Training arguments: {training_args}")

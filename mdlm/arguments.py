@@ -45,7 +45,10 @@ class ModelArguments:
     attention_dropout: float = field(default=0.0, metadata={"help": "Dropout on attention weights. Default 0."})
     document_attention: bool = field(
         default=False,
-        metadata={"help": "Restrict attention to each document inside a packed block. Default False."},
+        metadata={
+            "help": "Restrict attention to each document inside a packed block and restart positions at 0 after each "
+            "end-of-document token. Default False."
+        },
     )
     pad_vocab_to_multiple_of: int = field(
         default=64,

@@ -135,6 +135,33 @@ def test_short_flags_map_to_hf_arguments():
     assert model_args.rope_percent == 0.5
 
 
+STEP_FLAG_CASES = [
+    ([], True, True),
+    (["--do_eval"], False, True),
+    (["--do_eval", "--eval_strategy", "no"], False, True),
+    (["--do_eval", "False", "--eval_strategy", "no"], True, False),
+    (["--do_eval=false", "--eval_strategy", "no"], True, False),
+    (["--do_train"], True, True),  # the default eval_strategy "steps" turns do_eval on
+    (["--do_train", "--eval_strategy", "no"], True, False),
+    (["--do_train", "--do_eval"], True, True),
+]
+
+
+@pytest.mark.parametrize("flags, do_train, do_eval", STEP_FLAG_CASES)
+def test_step_flags_choose_train_and_eval(flags, do_train, do_eval):
+    argv = [*flags, "--output_dir", "x"]
+    _, _, training_args, _ = parse_arguments(run_mdlm.build_parser(), argv)
+    run_mdlm.choose_steps(training_args, argv)
+    assert training_args.do_train is do_train
+    assert training_args.do_eval is do_eval
+
+
+def test_no_train_and_no_eval_is_reported(tmp_path):
+    with pytest.raises(ValueError, match="Nothing to run"):
+        run_mdlm.main(["--do_train", "False", "--eval_strategy", "no", "--output_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_data_file_is_reported(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothere.txt not found"):
         run_mdlm.main(["--data_file", str(tmp_path / "nothere.txt"), "--output_dir", str(tmp_path / "out")])
@@ -191,3 +218,65 @@ def test_txt_file_splits_by_blank_line_or_by_line(tmp_path):
     by_line = load_raw_datasets(data_file=str(path), txt_sample_by="line", validation_split_percentage=34)
     assert len(by_paragraph["train"]) + len(by_paragraph["validation"]) == 3
     assert len(by_line["train"]) + len(by_line["validation"]) >= 4
+
+
+SPEED_OPTIONS = {
+    # Compiled training must give the eager loss up to float32 rounding.
+    "compile": (["--torch_compile"], 1e-3),
+    # bf16 autocast rounds the matmuls, so a few steps drift by a few thousandths.
+    "bf16_checkpointing": (["--bf16", "--use_cpu", "--gradient_checkpointing"], 5e-2),
+}
+
+
+@pytest.fixture(scope="module")
+def eager_train_loss(tmp_path_factory, kjv_dir):
+    tmp_path = tmp_path_factory.mktemp("eager")
+    run_script(speed_run_args(kjv_dir, tmp_path / "out"), tmp_path)
+    return json.loads((tmp_path / "out" / "train_results.json").read_text())["train_loss"]
+
+
+def speed_run_args(kjv_dir, output_dir):
+    return [
+        "--data_file", str(kjv_dir / "validation.txt"), "--output_dir", str(output_dir), *TINY_MODEL,
+        "--batch_size", "4", "--max_steps", "4", "--eval_strategy", "no", "--do_eval", "False", "--save_steps", "4",
+    ]
+
+
+@pytest.mark.parametrize("option", sorted(SPEED_OPTIONS))
+def test_speed_options_train_like_eager(option, tmp_path, kjv_dir, eager_train_loss):
+    flags, tolerance = SPEED_OPTIONS[option]
+    output_dir = tmp_path / "out"
+    run_script([*speed_run_args(kjv_dir, output_dir), *flags], tmp_path)
+
+    train_loss = json.loads((output_dir / "train_results.json").read_text())["train_loss"]
+    assert abs(train_loss - eager_train_loss) < tolerance, (train_loss, eager_train_loss)
+
+    # The saved weights are the plain model's: no torch.compile prefix, float32 after bf16 autocast.
+    from safetensors import safe_open
+
+    with safe_open(output_dir / "model.safetensors", "pt") as weights:
+        names = list(weights.keys())
+        dtypes = {weights.get_tensor(name).dtype for name in names}
+    assert "model.embed_tokens.weight" in names
+    assert not any("_orig_mod" in name for name in names)
+    assert dtypes == {__import__("torch").float32}
+
+
+def test_document_attention_flag_trains_and_saves(tmp_path, kjv_dir):
+    # One sentence per document, so every 64-token block packs several documents.
+    text = (kjv_dir / "validation.txt").read_text()
+    sentences = [sentence.strip() for sentence in text.replace("\n", " ").split(". ") if sentence.strip()]
+    data_file = tmp_path / "sentences.txt"
+    data_file.write_text("\n\n".join(sentences[:600]))
+
+    train_losses = {}
+    for flags in ([], ["--document_attention"]):
+        output_dir = tmp_path / f"out{len(flags)}"
+        args = speed_run_args(kjv_dir, output_dir)
+        args[args.index("--data_file") + 1] = str(data_file)
+        run_script([*args, *flags], tmp_path)
+        train_losses[tuple(flags)] = json.loads((output_dir / "train_results.json").read_text())["train_loss"]
+
+    config = json.loads((tmp_path / "out1" / "config.json").read_text())
+    assert config["document_attention"] is True
+    assert abs(train_losses[("--document_attention",)] - train_losses[()]) > 1e-3, train_losses
