@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 MODEL_NAMES = ("mdlm", "llama")
 IGNORE_INDEX = -100
+ABLATIONS = ("none", "full_output_layer", "attention_mask_tensor", "uncached_rotary")
 
 
 @dataclass(frozen=True)
@@ -110,10 +111,21 @@ class BenchmarkArguments:
                           "gives steadier numbers on a machine that other jobs share."},
     )
     seed: int = field(default=0, metadata={"help": "Seed of the weights and the token data."})
+    ablation: str = field(
+        default="none",
+        metadata={
+            "help": "Undo one optimization in MDLM to measure what it brings: full_output_layer runs the output layer "
+            "and SUBS at every position and then picks the masked ones; attention_mask_tensor gives SDPA an "
+            "all-true mask tensor; uncached_rotary rebuilds the rotary tables in every forward pass. Llama is "
+            "unchanged."
+        },
+    )
 
     def __post_init__(self):
         if self.shape not in SHAPES:
             raise ValueError(f"Unknown --shape {self.shape!r}. Choose one of {sorted(SHAPES)}.")
+        if self.ablation not in ABLATIONS:
+            raise ValueError(f"Unknown --ablation {self.ablation!r}. Choose one of {list(ABLATIONS)}.")
         if self.dtype not in ("float32", "bf16"):
             raise ValueError(f"Invalid --dtype {self.dtype!r}: use float32 or bf16.")
         for name in ("steps", "repeats"):
@@ -167,6 +179,69 @@ def build_models(shape: ModelShape, args: BenchmarkArguments) -> dict[str, torch
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         models[name] = model
     return models
+
+
+def full_output_layer_nelbo(model: MdlmForMaskedDiffusion):
+    """Return a `masked_nelbo` that computes SUBS log-probabilities at every position, then gathers the masked ones.
+
+    This is the direct implementation that the model avoids: it materializes `(batch, seq, vocab)` float32 tensors.
+    """
+
+    def masked_nelbo(hidden_states, labels, t):
+        log_probs = model.subs_log_probs(model.lm_head(hidden_states))  # (batch, seq, vocab) float32
+        targets = labels.clamp(min=0)
+        token_nll = -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        token_nll = torch.where(labels != IGNORE_INDEX, token_nll, 0.0)
+        return (model.schedule.loss_weight(t.float())[:, None] * token_nll).sum(dim=-1)
+
+    return masked_nelbo
+
+
+def uncached_rotary_tables(rotary):
+    """Return a `tables` method that drops the cache first, so each forward pass rebuilds cos and sin."""
+    cached_tables = rotary.tables
+
+    def tables(num_positions, device):
+        rotary._tables.clear()
+        return cached_tables(num_positions, device)
+
+    return tables
+
+
+def attention_with_mask_tensor(attention_forward):
+    """Wrap an attention `forward` so that SDPA always gets a boolean mask tensor, all true when nothing is masked.
+
+    Without padding the model passes no mask, which lets SDPA pick a fused kernel that takes none.
+    """
+
+    def forward(hidden_states, rotary=None, attention_mask=None):
+        if attention_mask is None:
+            batch_size, seq_len, _ = hidden_states.shape
+            attention_mask = torch.ones(batch_size, 1, 1, seq_len, dtype=torch.bool, device=hidden_states.device)
+        return attention_forward(hidden_states, rotary, attention_mask)
+
+    return forward
+
+
+def apply_ablation(model: MdlmForMaskedDiffusion, ablation: str) -> MdlmForMaskedDiffusion:
+    """Undo one optimization of `model` in place (see `--ablation`); the results stay the same."""
+    if ablation == "full_output_layer":
+        model.masked_nelbo = full_output_layer_nelbo(model)
+    elif ablation == "attention_mask_tensor":
+        for layer in model.model.layers:
+            layer.attention.forward = attention_with_mask_tensor(layer.attention.forward)
+    elif ablation == "uncached_rotary":
+        model.model.rotary.tables = uncached_rotary_tables(model.model.rotary)
+    return model
+
+
+def check_ablation_keeps_loss(model: MdlmForMaskedDiffusion, ablation: str, batch: dict) -> float:
+    """Apply `ablation` to `model` and return the absolute loss difference it makes on `batch`, which should be ~0."""
+    with torch.no_grad():
+        before = model(**batch).loss
+        apply_ablation(model, ablation)
+        after = model(**batch).loss
+    return float((after - before).abs())
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -429,7 +504,8 @@ def print_setup(args, shape, batch_size, device, models) -> dict[str, int]:
     print(f"shape {args.shape}: hidden {shape.hidden_size}, layers {shape.num_hidden_layers}, heads "
           f"{shape.num_attention_heads}, ffn {shape.intermediate_size}, vocab {shape.vocab_size}, seq {shape.seq_len}, "
           f"batch {batch_size}; dtype {args.dtype}; compile {args.torch_compile}; "
-          f"checkpointing {args.gradient_checkpointing}; document_attention {args.document_attention}")
+          f"checkpointing {args.gradient_checkpointing}; document_attention {args.document_attention}; "
+          f"ablation {args.ablation}")
     non_embedding = {}
     for name, model in models.items():
         total, non_embedding[name] = count_parameters(model)
@@ -477,6 +553,10 @@ def main():
     runners = {name: torch.compile(model) if args.torch_compile else model for name, model in models.items()}
 
     generator = torch.Generator().manual_seed(args.seed)
+    if args.ablation != "none":
+        check_batch = make_batches(shape, args, batch_size, 1, torch.Generator().manual_seed(args.seed + 1))[0][0]
+        difference = check_ablation_keeps_loss(models["mdlm"], args.ablation, check_batch)
+        print(f"ablation {args.ablation}: MDLM loss changes by {difference:.2e} on one batch")
     warm_up(args, shape, batch_size, runners, optimizers, generator, device)
     measurements = run_repeats(args, shape, batch_size, runners, optimizers, generator, device)
 
