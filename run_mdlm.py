@@ -12,6 +12,7 @@ the short flags `--epochs`, `--batch_size`, `--d_model`, `--n_heads`, `--n_layer
 relaunches the script with one process per GPU. Run `python run_mdlm.py --help` for every option.
 """
 
+import dataclasses
 import json
 import logging
 import os
@@ -23,7 +24,7 @@ import transformers
 from torch.distributed.elastic.multiprocessing.errors import record
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 from transformers.hf_argparser import string_to_bool
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import IntervalStrategy, get_last_checkpoint
 
 from mdlm import MdlmConfig, MdlmForMaskedDiffusion
 from mdlm.arguments import DataArguments, ModelArguments, RunArguments, parse_arguments
@@ -114,9 +115,25 @@ def find_checkpoint_to_resume(training_args: TrainingArguments, run_args: RunArg
     return last_checkpoint
 
 
+# Options of ModelArguments that shape only a new model, because a checkpoint brings its own values.
+ARCHITECTURE_OPTIONS = (
+    "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "use_rope", "rope_theta",
+    "rope_percent", "max_position_embeddings", "hidden_dropout", "attention_dropout", "document_attention",
+    "pad_vocab_to_multiple_of",
+)
+MODEL_DEFAULTS = {option.name: option.default for option in dataclasses.fields(ModelArguments)}
+
+
 def build_model(model_args: ModelArguments, data_args: DataArguments, tokenizer) -> MdlmForMaskedDiffusion:
     """Load the checkpoint in `--model_name_or_path`, or build a new model sized for the tokenizer."""
     if model_args.model_name_or_path is not None:
+        ignored = [f"--{name}" for name in ARCHITECTURE_OPTIONS if getattr(model_args, name) != MODEL_DEFAULTS[name]]
+        if ignored:
+            logger.warning(
+                f"--model_name_or_path {model_args.model_name_or_path} fixes the architecture, so "
+                f"{', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} ignored. Drop them, or leave out "
+                "--model_name_or_path to train a new model."
+            )
         model = MdlmForMaskedDiffusion.from_pretrained(model_args.model_name_or_path)
         if model.config.mask_token_id != tokenizer.mask_token_id:
             raise ValueError(
@@ -179,15 +196,31 @@ def choose_steps(training_args, argv: list[str]):
     """Set `do_train` and `do_eval` from the flags on the command line.
 
     With no step flag, the script trains and evaluates. Training stays on unless `--do_train False` is given or the
-    command asks for an evaluation or prediction on its own (`--do_eval` without `--do_train`). The command line
-    is read instead of the parsed flags, because TrainingArguments turns `do_eval` on by itself whenever an
-    eval_strategy is set.
+    command requests only an evaluation (`--do_eval` without `--do_train`). The command line is read instead of
+    the parsed flags, because TrainingArguments turns `do_eval` on by itself whenever an eval_strategy is set.
+    `--do_eval False` therefore also sets the eval_strategy to "no", unless the command sets one.
     """
     requested = {name: flag_value(argv, f"--{name}") for name in ("do_train", "do_eval", "do_predict")}
-    if all(value is None for value in requested.values()):
+    if requested["do_predict"]:
+        raise ValueError(
+            "run_mdlm.py has no prediction step, so --do_predict is not supported. Use run_sample.py to generate "
+            "text or run_eval.py to score held-out text."
+        )
+    if requested["do_train"] is None and requested["do_eval"] is None:
         training_args.do_train = training_args.do_eval = True
     elif requested["do_train"] is None:
-        training_args.do_train = not (requested["do_eval"] or requested["do_predict"])
+        training_args.do_train = not requested["do_eval"]
+
+    if requested["do_eval"] is False:
+        strategy_given = any(flag.split("=")[0] == "--eval_strategy" for flag in argv)
+        if strategy_given and training_args.eval_strategy != IntervalStrategy.NO:
+            raise ValueError(
+                f"--do_eval False conflicts with --eval_strategy {training_args.eval_strategy.value}, which "
+                "evaluates during training. Drop one of the two."
+            )
+        training_args.eval_strategy = IntervalStrategy.NO
+        training_args.do_eval = False
+
     if not (training_args.do_train or training_args.do_eval):
         raise ValueError(
             "Nothing to run: training and evaluation are both off. Remove --do_train False to train, or pass "
@@ -217,6 +250,11 @@ def main(argv: list[str] | None = None):
     # initial weights would otherwise differ from run to run.
     set_seed(training_args.seed)
     model = build_model(model_args, data_args, tokenizer)
+    if not training_args.do_train and model_args.model_name_or_path is None:
+        logger.warning(
+            "Training is off and no --model_name_or_path was given, so this evaluates a freshly initialized model. "
+            "Pass --model_name_or_path to evaluate a trained one."
+        )
     if data_args.max_seq_length > model.config.max_position_embeddings:
         raise ValueError(
             f"--max_seq_length {data_args.max_seq_length} exceeds the model's max_position_embeddings="

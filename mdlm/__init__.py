@@ -2,8 +2,10 @@
 
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
+from .collator import DataCollatorForMaskedDiffusion
 from .configuration_mdlm import MdlmConfig
 from .modeling_mdlm import MdlmForMaskedDiffusion, MdlmModel, MdlmOutput, MdlmPreTrainedModel
+from .trainer import MdlmTrainer
 
 
 AutoConfig.register(MdlmConfig.model_type, MdlmConfig, exist_ok=True)
@@ -12,4 +14,12 @@ AutoModelForMaskedLM.register(MdlmConfig, MdlmForMaskedDiffusion, exist_ok=True)
 
 __version__ = "0.1.0"
 
-__all__ = ["MdlmConfig", "MdlmForMaskedDiffusion", "MdlmModel", "MdlmOutput", "MdlmPreTrainedModel"]
+__all__ = [
+    "DataCollatorForMaskedDiffusion",
+    "MdlmConfig",
+    "MdlmForMaskedDiffusion",
+    "MdlmModel",
+    "MdlmOutput",
+    "MdlmPreTrainedModel",
+    "MdlmTrainer",
+]

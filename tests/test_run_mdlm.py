@@ -8,6 +8,7 @@ import pytest
 
 import run_mdlm
 from mdlm.arguments import parse_arguments
+from mdlm import MdlmConfig, MdlmForMaskedDiffusion
 from mdlm.data import load_raw_datasets, load_tokenizer
 
 from conftest import REPO_ROOT
@@ -139,8 +140,9 @@ STEP_FLAG_CASES = [
     ([], True, True),
     (["--do_eval"], False, True),
     (["--do_eval", "--eval_strategy", "no"], False, True),
+    (["--do_eval", "False"], True, False),
     (["--do_eval", "False", "--eval_strategy", "no"], True, False),
-    (["--do_eval=false", "--eval_strategy", "no"], True, False),
+    (["--do_eval=false"], True, False),
     (["--do_train"], True, True),  # the default eval_strategy "steps" turns do_eval on
     (["--do_train", "--eval_strategy", "no"], True, False),
     (["--do_train", "--do_eval"], True, True),
@@ -154,9 +156,45 @@ def test_step_flags_choose_train_and_eval(flags, do_train, do_eval):
     run_mdlm.choose_steps(training_args, argv)
     assert training_args.do_train is do_train
     assert training_args.do_eval is do_eval
+    if not do_eval:
+        assert training_args.eval_strategy == "no"
 
 
-def test_no_train_and_no_eval_is_reported(tmp_path):
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--do_eval", "False", "--eval_strategy", "steps"], "--do_eval False conflicts with --eval_strategy steps"),
+        (["--do_predict"], "no prediction step"),
+        (["--do_train", "False", "--eval_strategy", "no"], "Nothing to run"),
+    ],
+)
+def test_contradictory_step_flags_are_rejected(flags, message):
+    argv = [*flags, "--output_dir", "x"]
+    _, _, training_args, _ = parse_arguments(run_mdlm.build_parser(), argv)
+    with pytest.raises(ValueError, match=message):
+        run_mdlm.choose_steps(training_args, argv)
+
+
+def test_architecture_flags_with_checkpoint_warn(tmp_path, caplog):
+    tokenizer = load_tokenizer(None)
+    config = MdlmConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=32, mask_token_id=tokenizer.mask_token_id, eod_token_id=tokenizer.eos_token_id,
+    )
+    MdlmForMaskedDiffusion(config).save_pretrained(tmp_path / "checkpoint")
+    argv = ["--model_name_or_path", str(tmp_path / "checkpoint"), "--d_model", "64", "--document_attention",
+            "--output_dir", "x"]
+    model_args, data_args, _, _ = parse_arguments(run_mdlm.build_parser(), argv)
+
+    with caplog.at_level("WARNING", logger=run_mdlm.logger.name):
+        model = run_mdlm.build_model(model_args, data_args, tokenizer)
+
+    assert model.config.hidden_size == 32
+    assert model.config.document_attention is False
+    assert "--hidden_size, --document_attention are ignored" in caplog.text
+
+
+def test_no_train_and_no_eval_stops_before_writing(tmp_path):
     with pytest.raises(ValueError, match="Nothing to run"):
         run_mdlm.main(["--do_train", "False", "--eval_strategy", "no", "--output_dir", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
@@ -224,7 +262,7 @@ SPEED_OPTIONS = {
     # Compiled training must give the eager loss up to float32 rounding.
     "compile": (["--torch_compile"], 1e-3),
     # bf16 autocast rounds the matmuls, so a few steps drift by a few thousandths.
-    "bf16_checkpointing": (["--bf16", "--use_cpu", "--gradient_checkpointing"], 5e-2),
+    "bf16_checkpointing": (["--bf16", "--use_cpu", "--activation_checkpointing"], 5e-2),
 }
 
 
