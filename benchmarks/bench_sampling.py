@@ -27,6 +27,8 @@ from transformers import AutoModelForMaskedLM, HfArgumentParser
 
 from mdlm import MdlmConfig, MdlmForMaskedDiffusion
 
+from bench_train import spread, synchronize  # the script's own folder is on sys.path
+
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +72,10 @@ class SamplingBenchmarkArguments:
         if unknown:
             raise ValueError(f"Unknown --samplers {unknown}. Choose from {list(SAMPLERS)}.")
         if REFERENCE_SAMPLER not in self.samplers:
-            raise ValueError(f"--samplers must include {REFERENCE_SAMPLER!r}, the reference of the ratios.")
+            raise ValueError(
+                f"Invalid --samplers {self.samplers}: it must include {REFERENCE_SAMPLER!r}, which the ratios "
+                "compare to."
+            )
         for name in ("num_samples", "batch_size", "repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Invalid --{name} {getattr(self, name)}: it must be at least 1.")
@@ -90,11 +95,6 @@ def load_model(args: SamplingBenchmarkArguments) -> MdlmForMaskedDiffusion:
     else:
         model = AutoModelForMaskedLM.from_pretrained(args.model_name_or_path, trust_remote_code=True)
     return model.to(args.device).eval()
-
-
-def synchronize(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_forward_pass(model, batch_size: int, seq_len: int, repeats: int = 5) -> float:
@@ -129,10 +129,6 @@ def time_sampler(model, args, sampler: str, num_steps: int, seq_len: int) -> tup
         seconds += time.perf_counter() - start
         forward_passes += output.num_forward_passes * args.batch_size
     return seconds / args.num_samples, forward_passes / args.num_samples
-
-
-def spread(values: list[float], digits: int) -> str:
-    return f"{min(values):.{digits}f} / {statistics.median(values):.{digits}f} / {max(values):.{digits}f}"
 
 
 def main():
@@ -171,7 +167,7 @@ def main():
         for sampler in args.samplers:
             timings = seconds[sampler, steps]
             ratios = [ours / theirs for ours, theirs in zip(timings, reference)]
-            # A pass runs on a whole batch of `batch_size` samples, so it costs `batch_size` times a sample's share.
+            # One pass serves a whole batch, so its time is the batch's seconds divided by the passes it made.
             ms_per_pass = 1e3 * statistics.median(timings) * args.batch_size / passes[sampler, steps]
             print(f"{sampler:12} {steps:6d} {passes[sampler, steps]:14.2f} {spread(timings, 3):>26} "
                   f"{ms_per_pass:8.1f} {spread(ratios, 3):>24}")

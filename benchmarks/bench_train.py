@@ -236,7 +236,7 @@ def apply_ablation(model: MdlmForMaskedDiffusion, ablation: str) -> MdlmForMaske
 
 
 def check_ablation_keeps_loss(model: MdlmForMaskedDiffusion, ablation: str, batch: dict) -> float:
-    """Apply `ablation` to `model` and return the absolute loss difference it makes on `batch`, which should be ~0."""
+    """Apply `ablation` to `model` and return the absolute change of the loss on `batch`, about zero if correct."""
     with torch.no_grad():
         before = model(**batch).loss
         apply_ablation(model, ablation)

@@ -5,10 +5,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from safetensors import safe_open
 
 import run_mdlm
-from mdlm.arguments import parse_arguments
 from mdlm import MdlmConfig, MdlmForMaskedDiffusion
+from mdlm.arguments import parse_arguments
 from mdlm.data import load_raw_datasets, load_tokenizer
 
 from conftest import REPO_ROOT
@@ -290,14 +292,12 @@ def test_speed_options_train_like_eager(option, tmp_path, kjv_dir, eager_train_l
     assert abs(train_loss - eager_train_loss) < tolerance, (train_loss, eager_train_loss)
 
     # The saved weights are the plain model's: no torch.compile prefix, float32 after bf16 autocast.
-    from safetensors import safe_open
-
     with safe_open(output_dir / "model.safetensors", "pt") as weights:
         names = list(weights.keys())
         dtypes = {weights.get_tensor(name).dtype for name in names}
     assert "model.embed_tokens.weight" in names
     assert not any("_orig_mod" in name for name in names)
-    assert dtypes == {__import__("torch").float32}
+    assert dtypes == {torch.float32}
 
 
 def test_document_attention_flag_trains_and_saves(tmp_path, kjv_dir):
